@@ -1,0 +1,8 @@
+"""NanoAdam: finetune large pretrained models by updating only their smallest weights."""
+
+from .grouping import param_groups
+from .optimizer import NanoAdam
+from .schedule import DensityScheduler
+
+__all__ = ["NanoAdam", "DensityScheduler", "param_groups"]
+__version__ = "0.1.0"

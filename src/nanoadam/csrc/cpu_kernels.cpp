@@ -1,0 +1,537 @@
+// Fused CPU kernels for NanoAdam: the sparse AdamW update and the chunked mask refresh.
+//
+// Plain C ABI (loaded with ctypes), no Python or torch headers, so it builds in a second with any
+// C++17 compiler. The Python side (nanoadam/_cpu.py) owns all validation and memory; these
+// functions only read and write the buffers they are given. The eager PyTorch code in
+// nanoadam/functional.py and nanoadam/selection.py is the reference these kernels are tested
+// against.
+//
+// Layout of one sparse tensor's state (see nanoadam/optimizer.py): the flat tensor is cut into
+// chunks of `chunk_size` entries; full chunks keep `k` entries each, the last partial chunk
+// keeps `k_last`. `index` holds the in-chunk position of each kept entry (int16 or int32),
+// chunk-major and ascending inside a chunk, so the kept entries are in global ascending order
+// and every pass over them walks memory forwards. `exp_avg`/`exp_avg_sq` are aligned with
+// `index` and stored in bfloat16 or float32.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define NANO_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define NANO_CLONES
+#endif
+
+namespace {
+
+inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// Round to nearest even, NaN kept a (quiet) NaN: the same rounding as torch's float -> bfloat16.
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+inline float load_state(const void* p, int64_t i, int bytes) {
+  return bytes == 2 ? bf16_to_f32(static_cast<const uint16_t*>(p)[i]) : static_cast<const float*>(p)[i];
+}
+
+inline void store_state(void* p, int64_t i, int bytes, float x) {
+  if (bytes == 2)
+    static_cast<uint16_t*>(p)[i] = f32_to_bf16(x);
+  else
+    static_cast<float*>(p)[i] = x;
+}
+
+inline int64_t load_index(const void* p, int64_t i, int bytes) {
+  return bytes == 2 ? static_cast<int64_t>(static_cast<const int16_t*>(p)[i])
+                    : static_cast<int64_t>(static_cast<const int32_t*>(p)[i]);
+}
+
+inline void store_index(void* p, int64_t i, int bytes, int64_t v) {
+  if (bytes == 2)
+    static_cast<int16_t*>(p)[i] = static_cast<int16_t>(v);
+  else
+    static_cast<int32_t*>(p)[i] = static_cast<int32_t>(v);
+}
+
+// Selection key: the order of |x| as an unsigned integer (the IEEE bit pattern of a non-negative
+// float is monotone in its value, and NaN sorts above +inf). Smaller key = selected first.
+inline uint32_t magnitude_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  return u & 0x7fffffffu;
+}
+
+// exp_avg_sq of an entry a refresh has just selected (a second moment is never negative): the
+// update gives it its first moments from the gradient of that step.
+constexpr float kNewEntry = -1.0f;
+
+enum KeySource : int32_t { SMALL_WEIGHTS = 0, LARGE_WEIGHTS = 1, LARGE_GRADIENTS = 2 };
+
+inline uint32_t selection_key(float x, int32_t source) {
+  uint32_t b = magnitude_bits(x);
+  return source == SMALL_WEIGHTS ? b : 0x7fffffffu - b;
+}
+
+int resolve_threads(int requested) {
+#ifdef _OPENMP
+  return requested > 0 ? requested : omp_get_max_threads();
+#else
+  (void)requested;
+  return 1;
+#endif
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Sparse AdamW update: one pass over the kept entries of many tensors.
+// ---------------------------------------------------------------------------------------------
+
+struct NanoUpdateTask {
+  float* param;
+  const float* grad;
+  const void* index;
+  void* exp_avg;
+  void* exp_avg_sq;
+  int64_t numel;
+  int64_t chunk_size;
+  int64_t k;       // kept entries per full chunk
+  int64_t k_last;  // kept entries in the last chunk when it is partial
+  int32_t index_bytes;
+  int32_t state_bytes;
+  float decay;  // 1 - lr * weight_decay
+  float one_minus_beta1;
+  float beta2;
+  float one_minus_beta2;
+  float eps;
+  float step_size;  // lr / (1 - beta1^t)
+  float bias_correction2_sqrt;
+  // Entries a refresh just selected carry exp_avg_sq = -1 (kNewEntry); before their first update
+  // they get exp_avg = new_m_scale * g and exp_avg_sq = new_v_scale * g * g.
+  float new_m_scale;
+  float new_v_scale;
+};
+
+static int64_t kept_total(int64_t numel, int64_t chunk_size, int64_t k, int64_t k_last) {
+  int64_t full = numel / chunk_size;
+  return full * k + (numel % chunk_size ? k_last : 0);
+}
+
+template <int IB, int SB>
+NANO_CLONES static void update_span(const NanoUpdateTask& t, int64_t begin, int64_t end) {
+  const int64_t k = t.k, cs = t.chunk_size, full_kept = (t.numel / cs) * k;
+  float* __restrict__ param = t.param;
+  const float* __restrict__ grad = t.grad;
+  const float decay = t.decay, omb1 = t.one_minus_beta1, b2 = t.beta2, omb2 = t.one_minus_beta2;
+  const float eps = t.eps, step_size = t.step_size, bc2 = t.bias_correction2_sqrt;
+  const float new_m = t.new_m_scale, new_v = t.new_v_scale;
+  int64_t i = begin;
+  while (i < end) {
+    int64_t chunk = i < full_kept ? i / k : t.numel / cs;
+    int64_t stop = i < full_kept ? std::min(end, (chunk + 1) * k) : end;
+    const int64_t base = chunk * cs;
+#pragma omp simd
+    for (int64_t j = i; j < stop; ++j) {
+      const int64_t g_at = base + load_index(t.index, j, IB);
+      const float g = grad[g_at];
+      float w = param[g_at] * decay;
+      float m = load_state(t.exp_avg, j, SB);
+      float v = load_state(t.exp_avg_sq, j, SB);
+      const bool fresh = v < 0.0f;
+      m = fresh ? new_m * g : m;
+      v = fresh ? (new_v * g) * g : v;
+      // The rounding of torch.optim.AdamW's single-tensor path on CPU, operation by operation
+      // (lerp and addcmul are fused multiply-adds there, addcdiv is self + (value * t1) / t2),
+      // so that float32 moments reproduce it bit for bit.
+      m = std::fma(omb1, g - m, m);
+      v = std::fma(omb2 * g, g, v * b2);
+      const float denom = std::sqrt(v) / bc2 + eps;
+      w = w + ((-step_size) * m) / denom;
+      param[g_at] = w;
+      store_state(t.exp_avg, j, SB, m);
+      store_state(t.exp_avg_sq, j, SB, v);
+    }
+    i = stop;
+  }
+}
+
+static void update_dispatch(const NanoUpdateTask& t, int64_t begin, int64_t end) {
+  if (t.index_bytes == 2) {
+    if (t.state_bytes == 2)
+      update_span<2, 2>(t, begin, end);
+    else
+      update_span<2, 4>(t, begin, end);
+  } else {
+    if (t.state_bytes == 2)
+      update_span<4, 2>(t, begin, end);
+    else
+      update_span<4, 4>(t, begin, end);
+  }
+}
+
+// Applies the update to every task. Work is split into equal spans of kept entries across
+// threads, independent of tensor boundaries, so a few large tensors and many small ones both
+// keep every thread busy.
+extern "C" void nano_sparse_adamw(const NanoUpdateTask* tasks, int64_t n_tasks, int32_t n_threads) {
+  std::vector<int64_t> offset(n_tasks + 1, 0);
+  for (int64_t i = 0; i < n_tasks; ++i)
+    offset[i + 1] = offset[i] + kept_total(tasks[i].numel, tasks[i].chunk_size, tasks[i].k, tasks[i].k_last);
+  const int64_t total = offset[n_tasks];
+  if (total == 0) return;
+  int nt = resolve_threads(n_threads);
+  if (total < 32768) nt = 1;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+#ifdef _OPENMP
+    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+#else
+    const int tid = 0, nth = 1;
+#endif
+    const int64_t lo = total * tid / nth, hi = total * (tid + 1) / nth;
+    int64_t task = std::upper_bound(offset.begin(), offset.end(), lo) - offset.begin() - 1;
+    for (int64_t pos = lo; pos < hi && task < n_tasks; ++task) {
+      const int64_t b = pos - offset[task];
+      const int64_t e = std::min(hi, offset[task + 1]) - offset[task];
+      if (e > b) update_dispatch(tasks[task], b, e);
+      pos = offset[task + 1];
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Mask refresh: per chunk, the k entries of smallest key, ties broken by lower position.
+// ---------------------------------------------------------------------------------------------
+
+struct NanoRefreshTask {
+  const float* param;
+  const float* grad;  // gradient at this step: keys for LARGE_GRADIENTS
+  int64_t numel;
+  int64_t chunk_size;
+  // The mask being replaced (old_k < 0: none). Same chunk_size as the new one. The new mask
+  // may alias it (same pointers, same layout): then it is updated in place.
+  const void* old_index;
+  const void* old_exp_avg;
+  const void* old_exp_avg_sq;
+  int64_t old_k;
+  int64_t old_k_last;
+  int32_t old_index_bytes;
+  int32_t key_source;
+  // The new mask, written here.
+  void* index;
+  void* exp_avg;
+  void* exp_avg_sq;
+  int64_t k;
+  int64_t k_last;
+  int32_t index_bytes;
+  int32_t state_bytes;  // of both old and new moments
+  // Nonzero: the old mask may be used as a filter (requires old_k >= k, old_k_last >= k_last).
+  int32_t filter_with_old_mask;
+  int32_t pad_;
+};
+
+// Composite key: selection key in the high half, position in the low half, so that
+// "smallest composite" is exactly "smallest key, then lowest position" and all keys are distinct.
+static inline uint64_t composite(uint32_t key, int64_t pos) {
+  return (static_cast<uint64_t>(key) << 32) | static_cast<uint64_t>(pos);
+}
+
+struct RefreshScratch {
+  std::vector<int32_t> cand;  // candidate positions, ascending
+  std::vector<uint32_t> keys;
+  std::vector<int32_t> doubt;
+  std::vector<uint32_t> work;
+};
+
+// Positions j in [0, length) whose key is <= bound, appended in ascending order; returns the
+// count. `out` needs room for length + 16 entries.
+static int64_t scan_scalar(const float* src, int64_t length, int32_t source, uint32_t bound, int32_t* out) {
+  int64_t n = 0;
+  for (int64_t j = 0; j < length; ++j) {
+    out[n] = static_cast<int32_t>(j);
+    n += selection_key(src[j], source) <= bound;
+  }
+  return n;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+__attribute__((target("avx512f"))) static int64_t scan_avx512(const float* src, int64_t length, int32_t source,
+                                                              uint32_t bound, int32_t* out) {
+  // key <= bound  <=>  bits in [lo, hi] (bits = |x| as uint32; the large_* keys are reversed).
+  const bool all = bound >= 0x7fffffffu;
+  const uint32_t lo = all || source == SMALL_WEIGHTS ? 0u : 0x7fffffffu - bound;
+  const uint32_t hi = all ? 0xffffffffu : source == SMALL_WEIGHTS ? bound : 0x7fffffffu;
+  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff), vlo = _mm512_set1_epi32(static_cast<int32_t>(lo)),
+                vhi = _mm512_set1_epi32(static_cast<int32_t>(hi)), sixteen = _mm512_set1_epi32(16);
+  __m512i pos = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int64_t n = 0, j = 0;
+  for (; j + 16 <= length; j += 16) {
+    const __m512i bits = _mm512_and_si512(_mm512_loadu_si512(src + j), abs_mask);
+    const __mmask16 m = _mm512_cmple_epu32_mask(bits, vhi) & _mm512_cmpge_epu32_mask(bits, vlo);
+    _mm512_storeu_si512(out + n, _mm512_maskz_compress_epi32(m, pos));
+    n += __builtin_popcount(m);
+    pos = _mm512_add_epi32(pos, sixteen);
+  }
+  for (; j < length; ++j) {
+    out[n] = static_cast<int32_t>(j);
+    n += selection_key(src[j], source) <= bound;
+  }
+  return n;
+}
+static const bool has_avx512 = __builtin_cpu_supports("avx512f");
+#endif
+
+static int64_t scan_bounded(const float* src, int64_t length, int32_t source, uint32_t bound, int32_t* out) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (has_avx512) return scan_avx512(src, length, source, bound, out);
+#endif
+  return scan_scalar(src, length, source, bound, out);
+}
+
+// A key bound with at least kn keys at or below it, from the kept entries of the old mask: every
+// entry above the kn-th smallest old kept key has kn entries ahead of it. Between two refreshes
+// only kept entries move, so few others fall under this bound.
+static uint32_t bound_from_old_mask(const NanoRefreshTask& t, const float* src, int64_t chunk, int64_t kn,
+                                    RefreshScratch& s) {
+  const int64_t full = t.numel / t.chunk_size;
+  const int64_t ko = chunk < full ? t.old_k : t.old_k_last, o0 = chunk * t.old_k;
+  if (kn == ko) {
+    uint32_t bound = 0;
+    for (int64_t i = 0; i < ko; ++i)
+      bound = std::max(bound, selection_key(src[load_index(t.old_index, o0 + i, t.old_index_bytes)], t.key_source));
+    return bound;
+  }
+  s.work.resize(ko);
+  for (int64_t i = 0; i < ko; ++i)
+    s.work[i] = selection_key(src[load_index(t.old_index, o0 + i, t.old_index_bytes)], t.key_source);
+  std::nth_element(s.work.begin(), s.work.begin() + (kn - 1), s.work.end());
+  return static_cast<uint32_t>(s.work[kn - 1]);
+}
+
+// Keeps, of n candidates (ascending positions, their keys alongside), the kn with the smallest
+// (key, position) and writes them in order to `chosen` (which has one spare slot). Radix
+// selection on the key: each round histograms the 8 highest bits in which the keys still in doubt
+// differ, which finds the bucket of the kn-th key; keys in lower buckets are kept, keys in higher
+// ones dropped, the bucket itself stays in doubt. A round costs a pass over the keys in doubt and
+// usually leaves a few dozen, so the cut is O(n).
+static void radix_cut(const int32_t* cand, const uint32_t* keys, int64_t n, int64_t kn, RefreshScratch& s,
+                      int32_t* chosen) {
+  s.doubt.resize(n + 1);
+  int32_t* doubt = s.doubt.data();  // indices into cand/keys
+  for (int64_t i = 0; i < n; ++i) doubt[i] = static_cast<int32_t>(i);
+  int64_t n_doubt = n, need = kn;
+  uint32_t prefix = 0, prefix_mask = 0;  // keys in doubt agree with `prefix` on `prefix_mask`
+  bool whole_bucket = false;
+  while (true) {
+    uint32_t all_and = 0xffffffffu, all_or = 0;
+    for (int64_t i = 0; i < n_doubt; ++i) {
+      all_and &= keys[doubt[i]];
+      all_or |= keys[doubt[i]];
+    }
+    if (all_and == all_or) {  // equal keys: the lowest positions win the tie
+      prefix = all_and;
+      prefix_mask = 0xffffffffu;
+      break;
+    }
+    const int high = 31 - __builtin_clz(all_and ^ all_or);
+    const int shift = std::max(0, high - 7);
+    uint32_t hist[4][256] = {};  // four interleaved copies break store-to-load chains
+    int64_t i = 0;
+    for (; i + 4 <= n_doubt; i += 4)
+      for (int c = 0; c < 4; ++c) ++hist[c][(keys[doubt[i + c]] >> shift) & 0xffu];
+    for (; i < n_doubt; ++i) ++hist[0][(keys[doubt[i]] >> shift) & 0xffu];
+    uint32_t digit = 0;
+    int64_t below = 0;
+    for (;; ++digit) {
+      const int64_t h = static_cast<int64_t>(hist[0][digit]) + hist[1][digit] + hist[2][digit] + hist[3][digit];
+      if (below + h >= need) break;
+      below += h;
+    }
+    need -= below;
+    prefix = (all_and & ~((2u << high) - 1)) | (digit << shift);
+    prefix_mask = ~((1u << shift) - 1);
+    int64_t m = 0;  // branch-free filtering: which entries stay in doubt is unpredictable
+    for (int64_t j = 0; j < n_doubt; ++j) {
+      const int32_t e = doubt[j];
+      doubt[m] = e;
+      m += ((keys[e] >> shift) & 0xffu) == digit;
+    }
+    n_doubt = m;
+    if (n_doubt == need) {
+      whole_bucket = true;
+      break;
+    }
+  }
+  int64_t m = 0;
+  if (whole_bucket) {  // keep every key up to the top of the threshold bucket
+    const uint32_t top = prefix | ~prefix_mask;
+    for (int64_t i = 0; i < n; ++i) {
+      chosen[m] = cand[i];
+      m += keys[i] <= top;
+    }
+    return;
+  }
+  // Keys below the (single) threshold key, and the `need` lowest positions holding it.
+  int64_t ties = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const bool tie = keys[i] == prefix;
+    chosen[m] = cand[i];
+    m += keys[i] < prefix || (tie && ties < need);
+    ties += tie;
+  }
+}
+
+// Writes to `chosen` the kn entries of one chunk with the smallest (key, position), ascending.
+// With an old mask to filter by, only entries under its bound are candidates (usually a few more
+// than kn, cut by a small top-`extra` search); otherwise every entry is.
+NANO_CLONES static void select_chunk(const NanoRefreshTask& t, int64_t chunk, int64_t length, int64_t kn,
+                                     RefreshScratch& s, int32_t* chosen) {
+  const float* src = (t.key_source == LARGE_GRADIENTS ? t.grad : t.param) + chunk * t.chunk_size;
+  const int32_t source = t.key_source;
+  s.cand.resize(length + 16);
+  int32_t* cand = s.cand.data();
+  int64_t n = length;
+  if (t.filter_with_old_mask && t.old_k >= 0) {
+    n = scan_bounded(src, length, source, bound_from_old_mask(t, src, chunk, kn, s), cand);
+  } else {
+    for (int64_t j = 0; j < length; ++j) cand[j] = static_cast<int32_t>(j);
+  }
+  const int64_t extra = n - kn;
+  if (extra == 0) {
+    std::memcpy(chosen, cand, sizeof(int32_t) * kn);
+    return;
+  }
+  s.keys.resize(n);
+  uint32_t* keys = s.keys.data();
+  for (int64_t i = 0; i < n; ++i) keys[i] = selection_key(src[cand[i]], source);
+  if (extra > 32) {
+    radix_cut(cand, keys, n, kn, s, chosen);
+    return;
+  }
+  // Few extra candidates: find the `extra` largest (key, position) and keep everything below.
+  uint64_t top[32];  // ascending
+  for (int64_t i = 0; i < extra; ++i) top[i] = composite(keys[i], cand[i]);
+  std::sort(top, top + extra);
+  for (int64_t i = extra; i < n; ++i) {
+    const uint64_t x = composite(keys[i], cand[i]);
+    if (x <= top[0]) continue;
+    int64_t q = 0;
+    while (q + 1 < extra && top[q + 1] < x) {
+      top[q] = top[q + 1];
+      ++q;
+    }
+    top[q] = x;
+  }
+  int64_t m = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    chosen[m] = cand[i];
+    m += composite(keys[i], cand[i]) < top[0];
+  }
+}
+
+template <typename StateT>
+static void merge_moments(const NanoRefreshTask& t, const int32_t* chosen, int64_t kn, const int32_t* old_pos,
+                          const StateT* old_m, const StateT* old_v, int64_t ko, int64_t n0,
+                          std::vector<int32_t>& slot) {
+  // slot[position] = where that position sat in the old mask, or -1: a branch-free lookup (whether
+  // an entry is new is as unpredictable as a coin flip right after large moves).
+  if (static_cast<int64_t>(slot.size()) < t.chunk_size) slot.assign(t.chunk_size, -1);
+  for (int64_t i = 0; i < ko; ++i) slot[old_pos[i]] = static_cast<int32_t>(i);
+  StateT* m = static_cast<StateT*>(t.exp_avg) + n0;
+  StateT* v = static_cast<StateT*>(t.exp_avg_sq) + n0;
+  StateT zero, new_entry;
+  store_state(&zero, 0, sizeof(StateT), 0.0f);
+  store_state(&new_entry, 0, sizeof(StateT), kNewEntry);
+  for (int64_t j = 0; j < kn; ++j) {
+    const int32_t p = chosen[j];
+    store_index(t.index, n0 + j, t.index_bytes, p);
+    const int32_t i = slot[p];
+    const int32_t at = i < 0 ? 0 : i;
+    m[j] = i < 0 ? zero : old_m[at];
+    v[j] = i < 0 ? new_entry : old_v[at];
+  }
+  for (int64_t i = 0; i < ko; ++i) slot[old_pos[i]] = -1;
+}
+
+struct OldChunk {
+  std::vector<int32_t> pos;
+  std::vector<uint8_t> m, v;
+  std::vector<int32_t> slot;
+};
+
+static void refresh_chunk(const NanoRefreshTask& t, int64_t chunk, RefreshScratch& s, std::vector<int32_t>& chosen,
+                          OldChunk& old) {
+  const int64_t cs = t.chunk_size, full = t.numel / cs, base = chunk * cs;
+  const int64_t length = std::min(cs, t.numel - base);
+  const int64_t kn = chunk < full ? t.k : t.k_last;
+  chosen.resize(kn + 1);
+  select_chunk(t, chunk, length, kn, s, chosen.data());
+
+  int64_t ko = 0, o0 = 0;
+  if (t.old_k >= 0) {
+    ko = chunk < full ? t.old_k : t.old_k_last;
+    o0 = chunk * t.old_k;
+  }
+  // The new mask may be written over the old one (same layout): snapshot the old chunk first.
+  const int sb = t.state_bytes;
+  old.pos.resize(ko);
+  for (int64_t i = 0; i < ko; ++i) old.pos[i] = static_cast<int32_t>(load_index(t.old_index, o0 + i, t.old_index_bytes));
+  const bool in_place = t.index == t.old_index;
+  if (in_place && kn == ko && std::equal(chosen.begin(), chosen.begin() + kn, old.pos.begin())) return;
+  old.m.resize(ko * sb);
+  old.v.resize(ko * sb);
+  if (ko) {
+    std::memcpy(old.m.data(), static_cast<const uint8_t*>(t.old_exp_avg) + o0 * sb, ko * sb);
+    std::memcpy(old.v.data(), static_cast<const uint8_t*>(t.old_exp_avg_sq) + o0 * sb, ko * sb);
+  }
+  const int64_t n0 = chunk * t.k;
+  if (sb == 2)
+    merge_moments(t, chosen.data(), kn, old.pos.data(), reinterpret_cast<const uint16_t*>(old.m.data()),
+                  reinterpret_cast<const uint16_t*>(old.v.data()), ko, n0, old.slot);
+  else
+    merge_moments(t, chosen.data(), kn, old.pos.data(), reinterpret_cast<const float*>(old.m.data()),
+                  reinterpret_cast<const float*>(old.v.data()), ko, n0, old.slot);
+}
+
+extern "C" void nano_refresh(const NanoRefreshTask* tasks, int64_t n_tasks, int32_t n_threads) {
+  std::vector<int64_t> first_chunk(n_tasks + 1, 0);
+  for (int64_t i = 0; i < n_tasks; ++i) {
+    const int64_t cs = tasks[i].chunk_size;
+    first_chunk[i + 1] = first_chunk[i] + (tasks[i].numel + cs - 1) / cs;
+  }
+  const int64_t total = first_chunk[n_tasks];
+  if (total == 0) return;
+  int nt = resolve_threads(n_threads);
+  if (total < 4) nt = 1;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    RefreshScratch scratch;
+    std::vector<int32_t> chosen;
+    OldChunk old;
+#pragma omp for schedule(dynamic, 8)
+    for (int64_t c = 0; c < total; ++c) {
+      const int64_t task = std::upper_bound(first_chunk.begin(), first_chunk.end(), c) - first_chunk.begin() - 1;
+      refresh_chunk(tasks[task], c - first_chunk[task], scratch, chosen, old);
+    }
+  }
+}
+
+extern "C" int32_t nano_abi_version(void) { return 2; }
+

@@ -1,0 +1,76 @@
+"""``param_groups(model)``: which tensors NanoAdam updates sparsely and which stay dense.
+
+The paper trains the classifier head (newly initialized, task specific) and the normalization
+layers densely and everything else sparsely. Heads are found by module name: a module whose
+last name component is one of ``head_names`` and that is not inside a numbered block (so the
+``fc`` of a ResNet is a head, a transformer's ``mlp.fc`` inside ``layers.3`` is not). A parameter
+shared between a head and another module (tied embeddings) is dense. Normalization layers are
+found by type (``LayerNorm``, ``GroupNorm``, ``BatchNorm*``, ``InstanceNorm*``, ``RMSNorm``) or by
+a class name containing ``Norm`` (``LlamaRMSNorm``, ``T5LayerNorm``, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+DEFAULT_HEAD_NAMES = ("classifier", "lm_head", "head", "heads", "fc", "score", "cls", "qa_outputs")
+
+_NORM_TYPES: tuple[type, ...] = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.modules.batchnorm._NormBase)
+if hasattr(nn, "RMSNorm"):
+    _NORM_TYPES += (nn.RMSNorm,)
+
+
+def is_norm(module: nn.Module) -> bool:
+    return isinstance(module, _NORM_TYPES) or "Norm" in type(module).__name__
+
+
+def is_head(name: str, head_names: Iterable[str]) -> bool:
+    parts = name.split(".")
+    return bool(name) and parts[-1] in head_names and not any(p.isdigit() for p in parts)
+
+
+def dense_parameter_names(model: nn.Module, head_names: Iterable[str] = DEFAULT_HEAD_NAMES) -> set[str]:
+    """Qualified names of the parameters ``param_groups`` keeps dense (every alias of a tied one)."""
+    head_names = tuple(head_names)
+    dense_ids = set()
+    for name, module in model.named_modules(remove_duplicate=False):
+        if is_head(name, head_names):
+            dense_ids.update(id(p) for p in module.parameters())
+        elif is_norm(module):
+            dense_ids.update(id(p) for p in module.parameters(recurse=False))
+    return {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in dense_ids}
+
+
+def param_groups(
+    model: nn.Module,
+    *,
+    head_names: Iterable[str] = DEFAULT_HEAD_NAMES,
+    is_dense: Callable[[str, torch.Tensor], bool] | None = None,
+    **sparse_options: Any,
+) -> list[dict[str, Any]]:
+    """Param groups for :class:`nanoadam.NanoAdam`: ``{"params": ..., "sparse": True, **sparse_options}``
+    for the body and ``{"params": ..., "sparse": False}`` for heads and normalization layers.
+
+    Only parameters with ``requires_grad`` are included, each once. ``is_dense(name, param)``
+    marks further parameters dense (e.g. ``lambda n, p: p.ndim == 1`` for all biases). Empty
+    groups are left out.
+    """
+    dense_names = dense_parameter_names(model, head_names)
+    sparse, dense = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name in dense_names or (is_dense is not None and is_dense(name, p)):
+            dense.append(p)
+        else:
+            sparse.append(p)
+    groups = []
+    if sparse:
+        groups.append({"params": sparse, "sparse": True, **sparse_options})
+    if dense:
+        groups.append({"params": dense, "sparse": False})
+    return groups

@@ -1,0 +1,357 @@
+"""``NanoAdam``: AdamW on the smallest weights of each tensor, with moments for those alone.
+
+The class validates hyperparameters, groups parameters and keeps state; the math is in
+``nanoadam.functional``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from . import _cpu
+from .functional import Mask, dense_adamw, refresh_masks, sparse_adamw
+from .selection import INT16_CHUNK_LIMIT, SELECTIONS, ChunkLayout
+
+_STATE_DTYPES = (torch.bfloat16, torch.float32)
+# Per-parameter bookkeeping of sparse tensors, read with .item() every step: kept on the host.
+_HOST_KEYS = ("step", "mask_density", "mask_chunk_size")
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check_hyperparameters(h: dict[str, Any]) -> None:
+    """Raises ValueError/TypeError naming the first bad hyperparameter in ``h``."""
+    for name in ("lr", "eps", "weight_decay"):
+        if name in h:
+            value = h[name]
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                value = value.item()
+            if not _is_number(value):
+                raise TypeError(f"Invalid {name}: {h[name]!r} (expected a number)")
+            if not value >= 0 or math.isinf(value):
+                raise ValueError(f"Invalid {name}: {value} (expected a finite value >= 0)")
+    if "betas" in h:
+        betas = h["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(_is_number(b) for b in betas):
+            raise TypeError(f"Invalid betas: {betas!r} (expected a pair of numbers)")
+        for i, b in enumerate(betas):
+            if not 0.0 <= b < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {i}: {b} (expected 0 <= beta < 1)")
+    if "density" in h:
+        d = h["density"]
+        if not _is_number(d):
+            raise TypeError(f"Invalid density: {d!r} (expected a number in (0, 1])")
+        if not 0.0 < d <= 1.0:
+            raise ValueError(f"Invalid density: {d} (expected 0 < density <= 1)")
+    if "mask_interval" in h:
+        mi = h["mask_interval"]
+        if mi is not None and (not isinstance(mi, int) or isinstance(mi, bool)):
+            raise TypeError(f"Invalid mask_interval: {mi!r} (expected an int >= 1 or None)")
+        if mi is not None and mi < 1:
+            raise ValueError(f"Invalid mask_interval: {mi} (expected an int >= 1, or None for a static mask)")
+    if "chunk_size" in h:
+        cs = h["chunk_size"]
+        if not isinstance(cs, int) or isinstance(cs, bool):
+            raise TypeError(f"Invalid chunk_size: {cs!r} (expected an int >= 1)")
+        if cs < 1:
+            raise ValueError(f"Invalid chunk_size: {cs} (expected an int >= 1)")
+    if "selection" in h and h["selection"] not in SELECTIONS:
+        raise ValueError(f"Invalid selection: {h['selection']!r} (expected one of {', '.join(SELECTIONS)})")
+    if "state_dtype" in h and h["state_dtype"] not in _STATE_DTYPES:
+        raise ValueError(f"Invalid state_dtype: {h['state_dtype']!r} (expected torch.bfloat16 or torch.float32)")
+    if "sparse" in h and not isinstance(h["sparse"], bool):
+        raise TypeError(f"Invalid sparse: {h['sparse']!r} (expected True or False)")
+    if "fused" in h and h["fused"] not in (None, True, False):
+        raise TypeError(f"Invalid fused: {h['fused']!r} (expected None, True or False)")
+
+
+class NanoAdam(Optimizer):
+    r"""AdamW that updates, in every tensor, only the weights of smallest magnitude.
+
+    Each sparse tensor is flattened and cut into chunks of ``chunk_size`` entries; every
+    ``mask_interval`` steps the ``ceil(density * L)`` entries of each chunk (length ``L``) chosen
+    by ``selection`` are selected, and only they get AdamW updates (weight decay included). Adam
+    moments exist for the selected entries alone, in ``state_dtype``, next to their in-chunk
+    positions (int16; int32 when ``chunk_size`` exceeds 32768). Every other entry stays bitwise
+    unchanged. Groups with ``sparse=False`` (classifier heads, normalization layers: see
+    :func:`nanoadam.param_groups`) are trained with plain AdamW and float32 moments.
+
+    Args:
+        params: parameters or parameter groups; every argument below may be set per group.
+        lr: learning rate.
+        betas: coefficients of the running averages of the gradient and its square.
+        eps: term added to the denominator.
+        weight_decay: decoupled weight decay, applied to selected entries only.
+        density: fraction of each tensor that is updated, ``0 < density <= 1``.
+        mask_interval: steps between mask refreshes; ``None`` keeps the mask chosen at the
+            first step (static mask). A group whose ``density`` changed is refreshed at once.
+        chunk_size: entries per chunk; selection is per chunk, never global.
+        selection: ``"small_weights"`` (the paper), ``"large_weights"``, ``"random"`` or
+            ``"large_gradients"`` (largest ``|grad|`` at the refresh step).
+        state_dtype: dtype of the moments of sparse groups, ``torch.bfloat16`` or ``torch.float32``.
+        sparse: ``False`` trains the group with plain AdamW.
+        fused: ``None`` uses the compiled CPU kernels where they apply, ``False`` the eager
+            PyTorch reference everywhere, ``True`` requires the kernels.
+
+    Step ``t`` (one counter per optimizer, kept in every param group as ``"step"``) refreshes the
+    mask of a sparse tensor when it has none, when ``(t - 1) % mask_interval == 0`` or when its
+    group's density or chunk size changed. Entries selected before and after a refresh keep their
+    moments; how new entries are bias-corrected is described in :mod:`nanoadam.functional`. Bias
+    correction counts each parameter's own steps, as in ``torch.optim.AdamW``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        density: float = 0.1,
+        mask_interval: int | None = 100,
+        chunk_size: int = 4096,
+        selection: str = "small_weights",
+        state_dtype: torch.dtype = torch.bfloat16,
+        *,
+        sparse: bool = True,
+        fused: bool | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
+            weight_decay=weight_decay, density=density, mask_interval=mask_interval,
+            chunk_size=chunk_size, selection=selection, state_dtype=state_dtype, sparse=sparse,
+            fused=fused,
+        )
+        _check_hyperparameters(defaults)
+        super().__init__(params, defaults)
+
+    # -- groups -------------------------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        params = param_group.get("params")
+        if isinstance(params, set):
+            raise TypeError("optimizer parameters need to be organized in ordered collections, but the "
+                            "ordering of tensors in sets will change between runs; use a list instead")
+        params = [params] if isinstance(params, torch.Tensor) else list(params or [])
+        param_group = {**param_group, "params": params}
+        candidate = {**self.defaults, **param_group}
+        _check_hyperparameters(candidate)
+        for p in params:
+            if isinstance(p, torch.Tensor) and p.is_complex():
+                raise TypeError("NanoAdam does not support complex parameters (params of dtype "
+                                f"{p.dtype}); view them as real with torch.view_as_real")
+            if isinstance(p, torch.Tensor) and not p.is_floating_point():
+                raise TypeError(f"NanoAdam needs floating-point params, got one of dtype {p.dtype}")
+        super().add_param_group(param_group)
+        self.param_groups[-1]["step"] = self._optimizer_step()
+
+    def _optimizer_step(self) -> int:
+        return max((g.get("step", 0) for g in self.param_groups), default=0)
+
+    # -- step ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = self._collect()
+        t = self._optimizer_step() + 1
+        for group in self.param_groups:
+            group["step"] = t
+        for group, params in work:
+            if group["sparse"]:
+                self._step_sparse(group, params, t)
+            else:
+                self._step_dense(group, params)
+        return loss
+
+    def _collect(self) -> list[tuple[dict[str, Any], list[torch.Tensor]]]:
+        """Params with gradients per group, all checked before anything changes."""
+        work = []
+        for gi, group in enumerate(self.param_groups):
+            _check_hyperparameters(group)
+            if group["fused"] and group["sparse"] and not _cpu.available():
+                raise RuntimeError("fused=True needs NanoAdam's compiled CPU kernels, which are not installed "
+                                   "(reinstall with a C++ compiler, or use fused=None)")
+            params = []
+            for pi, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise TypeError(f"NanoAdam does not support sparse gradients (param {pi} of group {gi})")
+                if p.grad.shape != p.shape:
+                    raise ValueError(f"grad of param {pi} in group {gi} has shape {tuple(p.grad.shape)}, "
+                                     f"expected {tuple(p.shape)}")
+                params.append(p)
+            if params:
+                work.append((group, params))
+        return work
+
+    def _step_dense(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        states = [self._dense_state(p) for p in params]
+        beta1, beta2 = group["betas"]
+        dense_adamw(
+            params, [p.grad for p in params], [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states], [s["step"] for s in states], lr=group["lr"], beta1=beta1,
+            beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], fused=group["fused"],
+        )
+
+    def _dense_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        state = self.state[p]
+        if "index" in state:
+            raise ValueError("a parameter with sparse NanoAdam state is now in a dense group; "
+                             "sparse=False must be set before training starts")
+        if not state:
+            # torch's fused CUDA AdamW wants the step on the device; everywhere else it stays on the host.
+            host = p.device if p.device.type == "cuda" else torch.device("cpu")
+            state["step"] = torch.tensor(0.0, dtype=torch.float32, device=host)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _step_sparse(self, group: dict[str, Any], params: list[torch.Tensor], t: int) -> None:
+        beta1, beta2 = group["betas"]
+        density, chunk_size, interval = group["density"], group["chunk_size"], group["mask_interval"]
+        states = [self.state[p] for p in params]
+        for state in states:
+            if "exp_avg" in state and "index" not in state:
+                raise ValueError("a parameter with dense state is now in a sparse group; "
+                                 "sparse=True must be set before training starts")
+            if not state:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        step_tensors = [s["step"] for s in states]
+        torch._foreach_add_(step_tensors, 1.0)
+        steps = [s.item() for s in step_tensors]
+        stale = []
+        for i, state in enumerate(states):
+            if (
+                "index" not in state
+                or (interval is not None and (t - 1) % interval == 0)
+                or state["mask_density"].item() != density
+                or state["mask_chunk_size"].item() != chunk_size
+            ):
+                stale.append(i)
+        if stale:
+            ordinal = {id(q): i for i, q in enumerate(p for g in self.param_groups for p in g["params"])}
+            fresh = refresh_masks(
+                [params[i] for i in stale], [params[i].grad for i in stale],
+                [self._mask(params[i]) for i in stale],
+                [ChunkLayout.build(params[i].numel(), chunk_size, density) for i in stale],
+                selection=group["selection"], state_dtype=group["state_dtype"],
+                seeds=[t * 1_000_003 + ordinal[id(params[i])] for i in stale], fused=group["fused"],
+            )
+            for i, mask in zip(stale, fresh):
+                state = self.state[params[i]]
+                state["index"], state["exp_avg"], state["exp_avg_sq"] = mask.index, mask.exp_avg, mask.exp_avg_sq
+                state["mask_density"] = torch.tensor(density, dtype=torch.float64)
+                state["mask_chunk_size"] = torch.tensor(chunk_size, dtype=torch.int64)
+        sparse_adamw(
+            params, [p.grad for p in params], [self._mask(p) for p in params], steps, lr=group["lr"],
+            beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+            fused=group["fused"],
+        )
+
+    def _mask(self, p: torch.Tensor) -> Mask | None:
+        state = self.state[p]
+        if "index" not in state:
+            return None
+        layout = ChunkLayout.build(p.numel(), int(state["mask_chunk_size"]), float(state["mask_density"]))
+        return Mask(state["index"], state["exp_avg"], state["exp_avg_sq"], layout)
+
+    # -- introspection ------------------------------------------------------------------------
+
+    def state_bytes(self) -> int:
+        """Bytes held in optimizer state: every tensor of every parameter's state."""
+        return sum(
+            v.numel() * v.element_size()
+            for state in self.state.values()
+            for v in state.values()
+            if isinstance(v, torch.Tensor)
+        )
+
+    def masks(self) -> dict[torch.Tensor, torch.Tensor]:
+        """Boolean mask of the currently selected entries of each sparse parameter (for analysis;
+        allocates a full-size bool tensor per parameter)."""
+        from .selection import kept_mask
+
+        out = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                mask = self._mask(p) if group["sparse"] else None
+                if mask is not None:
+                    out[p] = kept_mask(mask.index, mask.layout).view(p.shape)
+        return out
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads a state dict, keeping each state tensor's saved dtype (``torch.optim`` would cast
+        bf16 moments to the parameter's dtype). Everything is checked before anything changes."""
+        self._check_state_dict(state_dict)
+        saved_states = state_dict["state"]
+        super().load_state_dict(state_dict)
+        ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(ids, params):
+            if pid not in saved_states or p not in self.state:
+                continue
+            state = self.state[p]
+            for key, saved in saved_states[pid].items():
+                if not isinstance(saved, torch.Tensor):
+                    continue
+                if key in _HOST_KEYS and "index" in state:
+                    state[key] = saved.detach().to("cpu", copy=True)
+                elif state[key].dtype != saved.dtype:
+                    state[key] = saved.detach().to(state[key].device, copy=True)
+
+    def _check_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError("state_dict must be a dict with 'state' and 'param_groups' (from NanoAdam.state_dict())")
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(groups)} param groups, this optimizer has {len(self.param_groups)}")
+        for gi, (saved, mine) in enumerate(zip(groups, self.param_groups)):
+            if len(saved["params"]) != len(mine["params"]):
+                raise ValueError(f"param group {gi} of state_dict has {len(saved['params'])} params, "
+                                 f"this optimizer's has {len(mine['params'])}")
+            _check_hyperparameters({k: v for k, v in saved.items() if k != "params"})
+            for pi, (pid, p) in enumerate(zip(saved["params"], mine["params"])):
+                state = state_dict["state"].get(pid)
+                if state:
+                    self._check_param_state(state, p, saved.get("sparse", True), f"param {pi} of group {gi}")
+
+    @staticmethod
+    def _check_param_state(state: dict[str, Any], p: torch.Tensor, sparse: bool, where: str) -> None:
+        if not sparse:
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state and tuple(state[key].shape) != tuple(p.shape):
+                    raise ValueError(f"state_dict {where}: {key} has shape {tuple(state[key].shape)}, "
+                                     f"the parameter has shape {tuple(p.shape)}")
+            return
+        if "index" not in state:
+            return
+        required = ("exp_avg", "exp_avg_sq", "mask_density", "mask_chunk_size")
+        missing = [k for k in required if k not in state]
+        if missing:
+            raise ValueError(f"state_dict {where}: sparse state lacks {', '.join(missing)}")
+        chunk_size = int(state["mask_chunk_size"])
+        layout = ChunkLayout.build(p.numel(), chunk_size, float(state["mask_density"]))
+        for key in ("index", "exp_avg", "exp_avg_sq"):
+            if state[key].numel() != layout.kept:
+                raise ValueError(f"state_dict {where}: {key} holds {state[key].numel()} entries, a parameter of "
+                                 f"{p.numel()} entries at this density keeps {layout.kept} (state for other params?)")
+        index = state["index"]
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= min(chunk_size, p.numel())
+                              or (chunk_size <= INT16_CHUNK_LIMIT) != (index.dtype == torch.int16)):
+            raise ValueError(f"state_dict {where}: index values or dtype do not fit chunk_size={chunk_size}")

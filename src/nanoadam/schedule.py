@@ -1,0 +1,79 @@
+"""``DensityScheduler``: the paper's linear density decay, stepped like an LR scheduler."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch.optim import Optimizer
+
+
+def linear_density(initial: float, final: float, step: int, total_steps: int, interval: int) -> float:
+    """Density after ``step`` scheduler steps: linear from ``initial`` to ``final`` over
+    ``total_steps``, changing only every ``interval`` steps, then constant at ``final``."""
+    progress = min(1.0, (step // interval) * interval / total_steps)
+    return initial + (final - initial) * progress
+
+
+class DensityScheduler:
+    """Decays the ``density`` of every sparse group of ``optimizer`` linearly to ``final_density``.
+
+    Call ``step()`` once per optimizer step, after ``optimizer.step()``. The density changes only
+    every ``interval`` steps (each change makes NanoAdam refresh the affected masks at its next
+    step) and stays at ``final_density`` after ``total_steps``. Setting ``interval`` beyond
+    ``total_steps`` disables the schedule, as in the paper.
+
+    Args:
+        optimizer: a NanoAdam (any optimizer whose groups have ``density`` and ``sparse``).
+        final_density: target density, one number or one per param group.
+        total_steps: steps over which the density decays.
+        interval: steps between density changes.
+    """
+
+    def __init__(self, optimizer: Optimizer, final_density: float | list[float], total_steps: int,
+                 interval: int = 1) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        groups = optimizer.param_groups
+        if not all("density" in g for g in groups):
+            raise TypeError("optimizer has param groups without a 'density' (expected a NanoAdam)")
+        finals = list(final_density) if isinstance(final_density, (list, tuple)) else [final_density] * len(groups)
+        if len(finals) != len(groups):
+            raise ValueError(f"final_density has {len(finals)} values for {len(groups)} param groups")
+        for f in finals:
+            if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < f <= 1.0:
+                raise ValueError(f"Invalid final_density: {f!r} (expected 0 < final_density <= 1)")
+        for name, value in (("total_steps", total_steps), ("interval", interval)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Invalid {name}: {value!r} (expected an int >= 1)")
+        self.optimizer = optimizer
+        self.initial_densities = [float(g["density"]) for g in groups]
+        self.final_densities = [float(f) for f in finals]
+        self.total_steps = total_steps
+        self.interval = interval
+        self.last_step = 0
+
+    def densities(self, step: int | None = None) -> list[float]:
+        """The density of each param group after ``step`` scheduler steps (default: now)."""
+        step = self.last_step if step is None else step
+        return [
+            linear_density(d0, d1, step, self.total_steps, self.interval)
+            for d0, d1 in zip(self.initial_densities, self.final_densities)
+        ]
+
+    def step(self) -> None:
+        self.last_step += 1
+        for group, density in zip(self.optimizer.param_groups, self.densities()):
+            if group.get("sparse", True):
+                group["density"] = density
+
+    def get_last_density(self) -> list[float]:
+        return [g["density"] for g in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "optimizer"}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        expected = set(self.state_dict())
+        if set(state_dict) != expected:
+            raise ValueError(f"DensityScheduler state_dict must have keys {sorted(expected)}, got {sorted(state_dict)}")
+        self.__dict__.update(state_dict)
