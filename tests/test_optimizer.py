@@ -358,3 +358,31 @@ def test_load_state_dict_for_other_params_is_refused_and_changes_nothing():
 def test_non_float_params_are_refused():
     with pytest.raises(TypeError, match="floating-point"):
         NanoAdam([torch.zeros(3, dtype=torch.int64)])
+
+
+def test_bfloat16_and_non_contiguous_params_use_the_reference_path():
+    base = torch.randn(40, 30)
+    p16 = torch.nn.Parameter(base.clone().bfloat16())
+    p_t = torch.nn.Parameter(base.clone().t())  # non-contiguous
+    assert not p_t.is_contiguous()
+    opt = NanoAdam([p16, p_t], lr=1e-2, density=0.1, chunk_size=100, weight_decay=0.1)
+    start16, start_t = p16.detach().clone(), p_t.detach().clone()
+    for t in range(3):
+        p16.grad = torch.randn(40, 30).bfloat16()
+        p_t.grad = torch.randn(30, 40)
+        opt.step()
+    for p, start in ((p16, start16), (p_t, start_t)):
+        selected = opt.masks()[p]
+        assert torch.equal(p.detach()[~selected], start[~selected])
+        assert (p.detach()[selected] != start[selected]).any()
+    assert opt.state[p16]["exp_avg"].dtype == torch.bfloat16
+
+
+def test_fused_true_refuses_what_the_kernels_cannot_do_before_changing_anything():
+    p = torch.nn.Parameter(torch.randn(100).bfloat16())
+    p.grad = torch.randn(100).bfloat16()
+    opt = NanoAdam([p], fused=True)
+    before = p.detach().clone()
+    with pytest.raises((ValueError, RuntimeError), match="fused"):
+        opt.step()
+    assert torch.equal(p, before) and not opt.state[p] and opt.param_groups[0]["step"] == 0

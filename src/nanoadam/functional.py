@@ -65,6 +65,11 @@ def _kernel_ok(param: torch.Tensor, grad: torch.Tensor, state_dtype: torch.dtype
     )
 
 
+def fused_applies(param: torch.Tensor, grad: torch.Tensor, group: dict) -> bool:
+    """Whether the CPU kernels can serve this parameter under this group's settings."""
+    return _cpu.available() and _kernel_ok(param, grad, group["state_dtype"]) and group["selection"] in _cpu.KEY_SOURCES
+
+
 def _bias_corrections(step: float, beta1: float, beta2: float) -> tuple[float, float]:
     return 1 - beta1**step, (1 - beta2**step) ** 0.5
 

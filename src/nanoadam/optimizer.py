@@ -14,7 +14,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import _cpu
-from .functional import Mask, dense_adamw, refresh_masks, sparse_adamw
+from .functional import Mask, dense_adamw, fused_applies, refresh_masks, sparse_adamw
 from .selection import INT16_CHUNK_LIMIT, SELECTIONS, ChunkLayout
 
 _STATE_DTYPES = (torch.bfloat16, torch.float32)
@@ -193,6 +193,10 @@ class NanoAdam(Optimizer):
                 if p.grad.shape != p.shape:
                     raise ValueError(f"grad of param {pi} in group {gi} has shape {tuple(p.grad.shape)}, "
                                      f"expected {tuple(p.shape)}")
+                if group["fused"] and group["sparse"] and not fused_applies(p, p.grad, group):
+                    raise ValueError(f"fused=True, but param {pi} of group {gi} cannot use the CPU kernels "
+                                     "(they need contiguous float32 CPU tensors, bf16 or float32 moments and a "
+                                     "selection other than 'random'); use fused=None")
                 params.append(p)
             if params:
                 work.append((group, params))
