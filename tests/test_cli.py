@@ -10,7 +10,8 @@ from nanoadam.cli import main
 
 
 @pytest.mark.parametrize("argv", [["bench", "step", "--density", "2"], ["bench", "step", "--blocks", "0"],
-                                  ["bench", "step", "--threads", "x"], ["frobnicate"], ["bench"]])
+                                  ["bench", "step", "--threads", "x"], ["frobnicate"],
+                                  ["bench", "--optimizers", "adamw,sgd"], ["bench", "memory", "--params", "-1"]])
 def test_bad_input_is_one_line_and_exit_2(argv, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err

@@ -386,3 +386,23 @@ def test_fused_true_refuses_what_the_kernels_cannot_do_before_changing_anything(
     with pytest.raises((ValueError, RuntimeError), match="fused"):
         opt.step()
     assert torch.equal(p, before) and not opt.state[p] and opt.param_groups[0]["step"] == 0
+
+
+def test_resume_with_bfloat16_params_keeps_int16_positions():
+    """torch.optim casts every loaded state tensor to the parameter's dtype; bf16 cannot hold
+    positions above 256 exactly, so NanoAdam restores the saved tensors instead."""
+    kw = dict(lr=1e-2, density=0.1, mask_interval=4, chunk_size=4096)
+    params = [torch.nn.Parameter(torch.randn(20_000).bfloat16())]
+    opt = NanoAdam(params, **kw)
+    for t in range(3):
+        params[0].grad = torch.randn(20_000).bfloat16()
+        opt.step()
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    twin = NanoAdam([torch.nn.Parameter(params[0].detach().clone())], **kw)
+    twin.load_state_dict(torch.load(buffer, weights_only=True))
+    for key, value in opt.state[params[0]].items():
+        loaded = twin.state[twin.param_groups[0]["params"][0]][key]
+        assert loaded.dtype == value.dtype and torch.equal(loaded, value), key
+    assert int(opt.state[params[0]]["index"].max()) > 256

@@ -51,8 +51,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="nanoadam", description="NanoAdam: finetuning that updates only the smallest weights.")
     commands = parser.add_subparsers(dest="command", parser_class=_Parser)
 
-    bench = commands.add_parser("bench", help="speed and memory benchmarks")
+    bench = commands.add_parser(
+        "bench", help="speed and memory benchmarks",
+        description="Without a subcommand: every registry optimizer side by side on one model (step time, "
+                    "state bytes, peak training memory).")
+    bench.add_argument("--model", default="minilm", help="'minilm' (offline MiniLM-L6), a transformers name or path")
+    bench.add_argument("--config", help="a transformers config name/path: random weights instead of pretrained")
+    bench.add_argument("--optimizers", type=_names, help="comma-separated registry names (default: all)")
+    bench.add_argument("--blocks", type=_positive_int, default=2)
+    bench.add_argument("--steps-per-block", type=_positive_int, default=100)
+    bench.add_argument("--batch", type=_positive_int, default=32, help="batch size of the peak-memory steps")
+    bench.add_argument("--seq", type=_positive_int, default=128, help="sequence length of the peak-memory steps")
+    bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    bench.add_argument("--threads", type=_positive_int, default=2)
+    bench.add_argument("--out", type=Path, help="write bench.json and bench.md here")
     bench_kinds = bench.add_subparsers(dest="bench", parser_class=_Parser)
+    memory = bench_kinds.add_parser("memory", help="the paper's Appendix G state-memory table for N parameters")
+    memory.add_argument("--params", type=_positive_float, default=6.74e9, help="parameter count (default LLaMA-2 7B)")
+    memory.add_argument("--density", type=_density, default=0.1)
+    memory.add_argument("--galore-rank", type=_positive_int, default=8)
+    memory.add_argument("--hidden", type=_positive_int, default=4096, help="GaLore: width of the projected matrices")
+    memory.add_argument("--no-measure", action="store_true", help="formulas only, no measurement on MiniLM")
+    memory.add_argument("--out", type=Path, help="write memory.json and memory.md here")
     step = bench_kinds.add_parser("step", help="NanoAdam vs torch AdamW (fused, foreach) step time on MiniLM shapes")
     step.add_argument("--density", type=_density, default=0.1)
     step.add_argument("--mask-interval", type=_positive_int, default=100)
@@ -71,6 +91,50 @@ def _require(module: str, extra: str):
         return importlib.import_module(module)
     except ImportError:
         raise UsageError(f"nanoadam: this command needs {module}: pip install 'nanoadam[{extra}]'") from None
+
+
+def _names(text: str) -> list[str]:
+    from .baselines import available_optimizers
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in available_optimizers()]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown optimizer {', '.join(unknown) or text!r}; "
+                                         f"choose from {', '.join(available_optimizers())}")
+    return names
+
+
+def _bench_optimizers(args) -> int:
+    tqdm = _require("tqdm.auto", "cli").tqdm
+    from .baselines import MissingExtraError, available_optimizers
+    from .bench.optimizers import BenchConfig, format_table, run
+
+    config = BenchConfig(model=args.model, config=args.config, optimizers=args.optimizers or available_optimizers(),
+                         blocks=args.blocks, steps_per_block=args.steps_per_block, batch=args.batch, seq=args.seq,
+                         memory=not args.no_memory, threads=args.threads)
+    total = config.blocks * len(config.optimizers) + (len(config.optimizers) if config.memory else 0)
+    try:
+        with tqdm(total=total, desc="bench", unit="run") as bar:
+            result = run(config, progress=lambda done, _total: bar.update(1))
+    except (MissingExtraError, OSError) as e:
+        raise UsageError(f"nanoadam bench: {e}") from None
+    table = format_table(result)
+    print(table)
+    if args.out:
+        write_result(args.out, "bench", result, table, "Every optimizer side by side")
+    return 0
+
+
+def _bench_memory(args) -> int:
+    from .bench.memory import MemoryTableConfig, format_memory_table, run_table
+
+    result = run_table(MemoryTableConfig(params=args.params, density=args.density, galore_rank=args.galore_rank,
+                                         hidden=args.hidden, measure=not args.no_measure))
+    table = format_memory_table(result)
+    print(table)
+    if args.out:
+        write_result(args.out, "memory", result, table, "Optimizer-state memory (paper Appendix G)")
+    return 0
 
 
 def _bench_step(args) -> int:
@@ -119,9 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 0
         if args.command == "bench":
-            if args.bench == "step":
-                return _bench_step(args)
-            raise UsageError("nanoadam bench: choose a benchmark: step")
+            return {"step": _bench_step, "memory": _bench_memory, None: _bench_optimizers}[args.bench](args)
     except UsageError as e:
         print(str(e), file=sys.stderr)
         return 2
