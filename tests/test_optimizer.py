@@ -367,7 +367,7 @@ def test_bfloat16_and_non_contiguous_params_use_the_reference_path():
     assert not p_t.is_contiguous()
     opt = NanoAdam([p16, p_t], lr=1e-2, density=0.1, chunk_size=100, weight_decay=0.1)
     start16, start_t = p16.detach().clone(), p_t.detach().clone()
-    for t in range(3):
+    for _t in range(3):
         p16.grad = torch.randn(40, 30).bfloat16()
         p_t.grad = torch.randn(30, 40)
         opt.step()
@@ -394,7 +394,7 @@ def test_resume_with_bfloat16_params_keeps_int16_positions():
     kw = dict(lr=1e-2, density=0.1, mask_interval=4, chunk_size=4096)
     params = [torch.nn.Parameter(torch.randn(20_000).bfloat16())]
     opt = NanoAdam(params, **kw)
-    for t in range(3):
+    for _t in range(3):
         params[0].grad = torch.randn(20_000).bfloat16()
         opt.step()
     buffer = io.BytesIO()

@@ -162,7 +162,8 @@ def format_memory_table(result: dict) -> str:
     for name, r in result["rows"].items():
         measured = (f"{r['measured_bytes_per_param']:.3f} | {r['layout_formula_bytes_per_param']:.3f} | "
                     f"{100 * r['deviation']:+.2f} %") if "measured_bytes_per_param" in r else "- | - | -"
-        lines.append(f"| {name} | {r['paper_formula_gb']:.2f} | {r['paper_formula_bytes_per_param']:.3f} | {measured} |")
+        paper = f"{r['paper_formula_gb']:.2f} | {r['paper_formula_bytes_per_param']:.3f}"
+        lines.append(f"| {name} | {paper} | {measured} |")
     lines += ["", "Measured bytes/param count every tensor each optimizer keeps, on MiniLM-L6 (22.7 M parameters) "
               "with the registry's grouping: NanoAdam and GaLore keep the head, norms (and, for GaLore, "
               "embeddings and biases) in 8-byte AdamW state, so their per-parameter figure on this small model is "
