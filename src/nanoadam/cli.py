@@ -51,6 +51,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="nanoadam", description="NanoAdam: finetuning that updates only the smallest weights.")
     commands = parser.add_subparsers(dest="command", parser_class=_Parser)
 
+    tasks = "sst2, cola, mrpc, stsb, rte"
+    finetune = commands.add_parser("finetune", help="finetune a sequence-classification model on a GLUE task")
+    finetune.add_argument("--task", required=True, type=_task, help=tasks)
+    finetune.add_argument("--optimizer", required=True, type=_name, help="a registry name, e.g. nanoadam")
+    finetune.add_argument("--lr", type=_positive_float, default=None,
+                          help="learning rate (default: the middle of the optimizer's tuning grid)")
+    _add_common_glue_args(finetune)
+    finetune.add_argument("--seed", type=int, default=0)
+    finetune.add_argument("--epochs", type=_positive_float)
+    finetune.add_argument("--max-steps", type=_positive_int)
+
+    compare = commands.add_parser("compare", help="all optimizers x tasks, LR tuned on held-out data, 3 seeds")
+    compare.add_argument("--tasks", type=_task_list, default=None, help=f"comma-separated, default all: {tasks}")
+    compare.add_argument("--optimizers", type=_names, default=None, help="comma-separated registry names")
+    compare.add_argument("--seeds", type=_positive_int, default=3)
+    _add_common_glue_args(compare)
+
     bench = commands.add_parser(
         "bench", help="speed and memory benchmarks",
         description="Without a subcommand: every registry optimizer side by side on one model (step time, "
@@ -93,6 +110,35 @@ def _require(module: str, extra: str):
         raise UsageError(f"nanoadam: this command needs {module}: pip install 'nanoadam[{extra}]'") from None
 
 
+def _add_common_glue_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="minilm", help="'minilm' (offline MiniLM-L6) or a transformers name/path")
+    p.add_argument("--data-dir", help="folder with <task>/train.jsonl and validation.jsonl (default: the hub)")
+    p.add_argument("--budget", choices=["quick", "paper"], default="quick")
+    p.add_argument("--peft", choices=["lora"], help="train LoRA adapters (peft) instead of the full model")
+    p.add_argument("--lora-r", type=_positive_int, default=32)
+    p.add_argument("--threads", type=_positive_int, default=2)
+    p.add_argument("--out", type=Path, default=None, help="results folder (default: results/<command>)")
+
+
+def _task(text: str) -> str:
+    from .experiments.glue_data import TASKS
+
+    if text not in TASKS:
+        raise argparse.ArgumentTypeError(f"unknown task {text!r}; choose from {', '.join(TASKS)}")
+    return text
+
+
+def _task_list(text: str) -> list[str]:
+    return [_task(t.strip()) for t in text.split(",") if t.strip()]
+
+
+def _name(text: str) -> str:
+    names = _names(text)
+    if len(names) != 1:
+        raise argparse.ArgumentTypeError(f"expected one optimizer, got {text!r}")
+    return names[0]
+
+
 def _names(text: str) -> list[str]:
     from .baselines import available_optimizers
 
@@ -102,6 +148,94 @@ def _names(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(f"unknown optimizer {', '.join(unknown) or text!r}; "
                                          f"choose from {', '.join(available_optimizers())}")
     return names
+
+
+def _check_glue_inputs(args, tasks: list[str]) -> None:
+    """Fails early, with one line, on data or model that cannot be used."""
+    from .experiments.glue import resolve_model_path
+    from .experiments.glue_data import DataError, load_task
+
+    for task in tasks:
+        try:
+            load_task(task, args.data_dir)
+        except DataError as e:
+            raise UsageError(f"nanoadam: {e}") from None
+        except Exception as e:  # datasets/hub errors: no network, unknown dataset
+            raise UsageError(f"nanoadam: cannot load {task} data ({type(e).__name__}: {str(e).splitlines()[0]})"
+                             ) from None
+    try:
+        from transformers import AutoConfig
+
+        AutoConfig.from_pretrained(resolve_model_path(args.model))
+    except Exception as e:
+        raise UsageError(f"nanoadam: cannot load model {args.model!r} ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def _finetune(args) -> int:
+    tqdm = _require("tqdm.auto", "cli").tqdm
+    from .experiments.compare import BUDGETS, LR_GRIDS
+    from .experiments.glue import GlueRunConfig, run
+
+    _check_glue_inputs(args, [args.task])
+    settings = dict(BUDGETS[args.budget])
+    if args.epochs:
+        settings["epochs"] = args.epochs
+    grid = LR_GRIDS.get(args.optimizer, [1e-4])
+    config = GlueRunConfig(task=args.task, optimizer=args.optimizer, lr=args.lr or grid[len(grid) // 2],
+                           seed=args.seed, model=args.model, data_dir=args.data_dir, max_steps=args.max_steps,
+                           lora_r=args.lora_r if args.peft == "lora" else None, threads=args.threads, **settings)
+    with tqdm(desc=f"{args.task} {args.optimizer}", unit="step") as bar:
+        def progress(step, total):
+            bar.total = total
+            bar.update(1)
+        result = run(config, progress=progress)
+    out = args.out or Path("results/finetune")
+    name = f"{args.task}-{args.optimizer}-lr{config.lr:g}-seed{args.seed}"
+    metrics = {k: v for k, v in result["metrics"].items() if k != "score" and isinstance(v, float)}
+    table = "\n".join([
+        "| task | optimizer | lr | " + " | ".join(metrics) + " | steps | step time (s) | untouched | L2 shift |",
+        "|---|---|---|" + "---|" * (len(metrics) + 4),
+        f"| {args.task} | {args.optimizer} | {config.lr:g} | " + " | ".join(f"{v:.4f}" for v in metrics.values())
+        + f" | {result['steps']} | {result['median_step_s']:.3f} | {100 * result['untouched_fraction']:.1f} % | "
+        f"{result['l2_shift']:.3f} |"])
+    print(table)
+    write_result(out, name, result, table, f"Finetuning {args.task} with {args.optimizer}")
+    return 0
+
+
+def _compare(args) -> int:
+    tqdm = _require("tqdm.auto", "cli").tqdm
+    from .baselines import available_optimizers
+    from .experiments.compare import CompareConfig, run_compare
+    from .experiments.glue_data import TASKS
+    from .experiments.report import glue_table, plot_curves
+
+    tasks = args.tasks or list(TASKS)
+    _check_glue_inputs(args, tasks)
+    out = args.out or Path("results/glue")
+    config = CompareConfig(tasks=tasks, optimizers=args.optimizers or available_optimizers(), budget=args.budget,
+                           seeds=args.seeds, model=args.model, data_dir=args.data_dir, out=str(out),
+                           lora_r=args.lora_r if args.peft == "lora" else None, threads=args.threads)
+    with tqdm(desc="compare", unit="run") as bar:
+        def progress(done, total, path):
+            bar.total = total
+            bar.set_postfix_str(str(path.relative_to(out / "runs")))
+            bar.update(1)
+        summary = run_compare(config, progress=progress)
+    table = glue_table(summary)
+    print(table)
+    plot_curves(out, summary)
+    write_result(out, "glue", {**summary, "machine": _machine()}, table, "GLUE comparison")
+    for failure in summary["failures"]:
+        print(f"failed: {failure['run']}: {failure['error']}", file=sys.stderr)
+    return 1 if summary["failures"] else 0
+
+
+def _machine() -> dict:
+    from .bench.step import machine_info
+
+    return machine_info()
 
 
 def _bench_optimizers(args) -> int:
@@ -182,6 +316,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 0
+        if args.command == "finetune":
+            return _finetune(args)
+        if args.command == "compare":
+            return _compare(args)
         if args.command == "bench":
             return {"step": _bench_step, "memory": _bench_memory, None: _bench_optimizers}[args.bench](args)
     except UsageError as e:

@@ -1,9 +1,10 @@
 """``param_groups(model)``: which tensors NanoAdam updates sparsely and which stay dense.
 
 The paper trains the classifier head (newly initialized, task specific) and the normalization
-layers densely and everything else sparsely. Heads are found by module name: a module whose
-last name component is one of ``head_names`` and that is not inside a numbered block (so the
-``fc`` of a ResNet is a head, a transformer's ``mlp.fc`` inside ``layers.3`` is not). A parameter
+layers densely and everything else sparsely. Heads are found by module name: a module with a
+name component in ``head_names`` that is not inside a numbered block (so the ``fc`` of a ResNet
+and peft's ``classifier.modules_to_save.default`` are heads, a transformer's ``mlp.fc`` inside
+``layers.3`` is not). A parameter
 shared between a head and another module (tied embeddings) is dense. Normalization layers are
 found by type (``LayerNorm``, ``GroupNorm``, ``BatchNorm*``, ``InstanceNorm*``, ``RMSNorm``) or by
 a class name containing ``Norm`` (``LlamaRMSNorm``, ``T5LayerNorm``, ...).
@@ -29,8 +30,10 @@ def is_norm(module: nn.Module) -> bool:
 
 
 def is_head(name: str, head_names: Iterable[str]) -> bool:
+    """A module named like a head (any name component, so that ``classifier.dense`` and peft's
+    ``classifier.modules_to_save.default`` count) outside numbered blocks."""
     parts = name.split(".")
-    return bool(name) and parts[-1] in head_names and not any(p.isdigit() for p in parts)
+    return bool(name) and any(p in head_names for p in parts) and not any(p.isdigit() for p in parts)
 
 
 def dense_parameter_names(model: nn.Module, head_names: Iterable[str] = DEFAULT_HEAD_NAMES) -> set[str]:

@@ -61,7 +61,13 @@ class DensityScheduler:
         ]
 
     def step(self) -> None:
-        self.last_step += 1
+        self.set_step(self.last_step + 1)
+
+    def set_step(self, step: int) -> None:
+        """Puts the schedule at ``step`` scheduler steps (e.g. the global step of a resumed run)."""
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"Invalid step: {step!r} (expected an int >= 0)")
+        self.last_step = step
         for group, density in zip(self.optimizer.param_groups, self.densities()):
             if group.get("sparse", True):
                 group["density"] = density

@@ -1,0 +1,1 @@
+"""Analyses of training runs: parameter shift, untouched weights, gradient-weight correlation."""

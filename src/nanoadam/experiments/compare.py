@@ -1,0 +1,211 @@
+"""``nanoadam compare``: every optimizer on every task, learning rate tuned per optimizer and task.
+
+Protocol. For each task and optimizer: (1) tuning, one run per learning rate of the optimizer's
+grid, trained on the training subset minus a held-out slice and scored on that slice (never on
+the validation set that is reported); (2) the best learning rate (ties: the smaller) rerun with
+``seeds`` seeds on the whole training subset, scored on the validation set; mean and standard
+deviation are reported. Every optimizer sees the same examples in the same order for a given
+seed, with the same batch size and number of steps.
+
+Each finished run is written atomically to ``out/runs/<task>/<optimizer>/<phase>-....json`` as
+soon as it ends; a rerun of the same command skips every run whose file exists, so an interrupted
+comparison resumes where it stopped. Runs execute one at a time in child processes forked from a
+preloaded server (fresh memory accounting per run, no state leaking between runs).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .glue import GlueRunConfig
+from .glue_data import TASKS
+
+# Learning-rate grids. NanoAdam updates a few small weights and, as in the paper (Appendix H.1),
+# gets a grid shifted to larger rates.
+LR_GRIDS: dict[str, list[float]] = {
+    "adamw": [3e-5, 1e-4, 3e-4],
+    "adamw8bit": [3e-5, 1e-4, 3e-4],
+    "galore": [3e-5, 1e-4, 3e-4],
+    "microadam": [3e-5, 1e-4, 3e-4],
+    "nanoadam": [1e-4, 3e-4, 1e-3],
+    "nanoadam-static": [1e-4, 3e-4, 1e-3],
+}
+
+BUDGETS: dict[str, dict[str, Any]] = {
+    # On 2 CPU cores: 5 tasks x 6 optimizers x (3 tuning + 3 final) runs in about 3 hours.
+    "quick": dict(train_limit=1000, epochs=1.0, max_length=64, batch_size=16, eval_points=2),
+    # The paper's settings (Appendix H.1): whole training sets, 5 epochs, batch 8; for a GPU.
+    "paper": dict(train_limit=None, epochs=5.0, max_length=128, batch_size=8, eval_points=10),
+}
+
+
+@dataclass
+class CompareConfig:
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    optimizers: list[str] = field(default_factory=lambda: list(LR_GRIDS))
+    budget: str = "quick"
+    seeds: int = 3
+    model: str = "minilm"
+    data_dir: str | None = None
+    out: str = "results/glue"
+    lr_grids: dict[str, list[float]] = field(default_factory=lambda: dict(LR_GRIDS))
+    lora_r: int | None = None
+    threads: int = 2
+    overrides: dict[str, Any] = field(default_factory=dict)  # budget settings to override
+
+    def __post_init__(self):
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown task {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+        if self.budget not in BUDGETS:
+            raise ValueError(f"unknown budget {self.budget!r}; choose from {', '.join(BUDGETS)}")
+        missing = [o for o in self.optimizers if o not in self.lr_grids]
+        if missing:
+            raise ValueError(f"no learning-rate grid for {', '.join(missing)}")
+
+    def run_config(self, task: str, optimizer: str, lr: float, seed: int, phase: str) -> GlueRunConfig:
+        settings = {**BUDGETS[self.budget], **self.overrides}
+        return GlueRunConfig(task=task, optimizer=optimizer, lr=lr, seed=seed, model=self.model,
+                             data_dir=self.data_dir, lora_r=self.lora_r, threads=self.threads,
+                             eval_split="heldout" if phase == "tune" else "validation", **settings)
+
+
+def run_path(out: Path, task: str, optimizer: str, phase: str, lr: float, seed: int) -> Path:
+    return out / "runs" / task / optimizer / f"{phase}-lr{lr:g}-seed{seed}.json"
+
+
+def _write_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=float))
+    tmp.replace(path)
+
+
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _child(config_dict: dict, path: str, queue) -> None:
+    from .glue import run
+
+    try:
+        _write_atomic(Path(path), run(GlueRunConfig(**config_dict)))
+        queue.put(None)
+    except Exception as e:  # reported to the parent, which records the failure
+        queue.put(f"{type(e).__name__}: {e}")
+
+
+class RunExecutor:
+    """Runs one GlueRunConfig at a time in a child forked from a preloaded server."""
+
+    def __init__(self):
+        self.ctx = multiprocessing.get_context("forkserver")
+        self.ctx.set_forkserver_preload(["torch", "transformers", "nanoadam.experiments.glue"])
+
+    def __call__(self, config: GlueRunConfig, path: Path) -> str | None:
+        queue = self.ctx.Queue()
+        proc = self.ctx.Process(target=_child, args=(asdict(config), str(path), queue))
+        proc.start()
+        proc.join()
+        if proc.exitcode != 0:
+            return f"run process exited with code {proc.exitcode}"
+        return queue.get()
+
+
+def best_lr(tuning: dict[float, dict]) -> float:
+    """The learning rate with the best held-out score (NaN counts as worst; ties: the smaller)."""
+    def key(item):
+        lr, result = item
+        score = result["score"]
+        return (-(score if score == score else -math.inf), lr)
+
+    return min(tuning.items(), key=key)[0]
+
+
+def run_compare(config: CompareConfig, execute=None, progress=None) -> dict:
+    """Runs (or resumes) the whole grid; returns the summary (also written to out/summary.json)."""
+    out = Path(config.out)
+    execute = execute or RunExecutor()
+    planned = len(config.tasks) * sum(len(config.lr_grids[o]) + config.seeds for o in config.optimizers)
+    done = 0
+    failures = []
+
+    def ensure(run_cfg: GlueRunConfig, path: Path) -> dict | None:
+        nonlocal done
+        result = _load(path)
+        if result is None:
+            error = execute(run_cfg, path)
+            if error:
+                failures.append({"run": str(path), "error": error})
+            result = _load(path)
+        done += 1
+        if progress is not None:
+            progress(done, planned, path)
+        return result
+
+    for task in config.tasks:
+        for optimizer in config.optimizers:
+            tuning = {}
+            for lr in config.lr_grids[optimizer]:
+                path = run_path(out, task, optimizer, "tune", lr, 0)
+                result = ensure(config.run_config(task, optimizer, lr, 0, "tune"), path)
+                if result is not None:
+                    tuning[lr] = result
+            if not tuning:
+                continue
+            lr = best_lr(tuning)
+            for seed in range(config.seeds):
+                ensure(config.run_config(task, optimizer, lr, seed, "final"), run_path(out, task, optimizer, "final",
+                                                                                     lr, seed))
+    summary = summarize(config)
+    summary["failures"] = failures
+    _write_atomic(out / "summary.json", summary)
+    return summary
+
+
+def summarize(config: CompareConfig) -> dict:
+    """Reads every finished run under ``config.out`` into per task/optimizer statistics."""
+    out = Path(config.out)
+    cells: dict[str, dict[str, Any]] = {}
+    for task in config.tasks:
+        for optimizer in config.optimizers:
+            folder = out / "runs" / task / optimizer
+            tunes = {json.loads(p.read_text())["config"]["lr"]: json.loads(p.read_text())
+                     for p in sorted(folder.glob("tune-*.json"))}
+            finals = [json.loads(p.read_text()) for p in sorted(folder.glob("final-*.json"))]
+            if not finals:
+                continue
+            scores = [r["score"] for r in finals]
+            cells.setdefault(task, {})[optimizer] = {
+                "lr": finals[0]["config"]["lr"],
+                "tuning": {str(lr): r["score"] for lr, r in sorted(tunes.items())},
+                "scores": scores,
+                "mean": statistics.fmean(scores),
+                "std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
+                "metrics": {k: statistics.fmean(r["metrics"][k] for r in finals)
+                            for k in finals[0]["metrics"] if isinstance(finals[0]["metrics"][k], (int, float))},
+                "median_step_s": statistics.fmean(r["median_step_s"] for r in finals),
+                "median_optimizer_step_s": statistics.fmean(r["median_optimizer_step_s"] for r in finals),
+                "peak_memory_increase_mb": _mean_or_none(r["peak_memory_increase_mb"] for r in finals),
+                "untouched_fraction": statistics.fmean(r["untouched_fraction"] for r in finals),
+                "l2_shift": statistics.fmean(r["l2_shift"] for r in finals),
+                "steps": finals[0]["steps"],
+                "train_examples": finals[0]["train_examples"],
+            }
+    averages = {}
+    for optimizer in config.optimizers:
+        per_task = [cells[t][optimizer]["mean"] for t in config.tasks if optimizer in cells.get(t, {})]
+        if len(per_task) == len(config.tasks):
+            averages[optimizer] = statistics.fmean(per_task)
+    return {"config": asdict(config), "cells": cells, "average": averages}
+
+
+def _mean_or_none(values):
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else None

@@ -1,0 +1,91 @@
+"""NanoAdam inside transformers.Trainer (checkpoint and resume) and on LoRA adapters (peft)."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+
+from nanoadam import NanoAdam, param_groups  # noqa: E402
+from nanoadam.integrations.hf import nanoadam_for_trainer  # noqa: E402
+
+
+def tiny_bert():
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, num_labels=2, hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=0.0)
+    return transformers.BertForSequenceClassification(cfg)
+
+
+def dataset(n=48):
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(5, 300, (n, 12), generator=gen)
+    labels = (ids[:, 0] > 150).long()
+    return [{"input_ids": ids[i], "attention_mask": torch.ones(12, dtype=torch.long), "labels": labels[i]}
+            for i in range(n)]
+
+
+class StopAt(transformers.TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_save = True
+            control.should_training_stop = True
+
+
+def train(tmp, stop_at=None, resume=None):
+    model = tiny_bert()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp), max_steps=12, per_device_train_batch_size=4, learning_rate=1e-2, save_strategy="steps",
+        save_steps=100, report_to=[], use_cpu=True, seed=7, logging_strategy="no", lr_scheduler_type="linear",
+        disable_tqdm=True)
+    optimizer, callbacks = nanoadam_for_trainer(model, lr=1e-2, density=0.2, mask_interval=3, chunk_size=256,
+                                                final_density=0.05, total_steps=12, density_interval=2)
+    if stop_at:
+        callbacks.append(StopAt(stop_at))
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset(), optimizers=(optimizer, None),
+                                   callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=resume)
+    return model, optimizer
+
+
+def test_trainer_checkpoint_resume_equals_uninterrupted_run(tmp_path):
+    straight, straight_opt = train(tmp_path / "a")
+    train(tmp_path / "b", stop_at=5)
+    resumed, resumed_opt = train(tmp_path / "b", resume=str(tmp_path / "b" / "checkpoint-5"))
+    for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
+    assert straight_opt.param_groups[0]["density"] == resumed_opt.param_groups[0]["density"] == pytest.approx(0.05)
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        sa, sb = straight_opt.state[a], resumed_opt.state[b]
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert straight_opt.state[next(straight.parameters())]["exp_avg"].dtype == torch.bfloat16
+
+
+def test_nanoadam_trains_lora_adapters():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_bert(), peft.LoraConfig(task_type=peft.TaskType.SEQ_CLS, r=8, lora_alpha=8,
+                                                             target_modules=["query", "value"]))
+    groups = param_groups(model)
+    sparse_names = {n for n, p in model.named_parameters() if any(p is q for q in groups[0]["params"])}
+    assert sparse_names and all("lora_" in n for n in sparse_names)
+    dense = [n for n, p in model.named_parameters() if any(p is q for q in groups[1]["params"])]
+    assert dense and all("classifier" in n for n in dense)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    opt = NanoAdam(groups, lr=3e-2, density=0.25, mask_interval=5, chunk_size=64)
+    data = dataset()
+    batch = {k: torch.stack([row[k] for row in data]) for k in data[0]}
+    losses = []
+    for _ in range(30):
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
