@@ -174,7 +174,7 @@ def _check_glue_inputs(args, tasks: list[str]) -> None:
 
 def _finetune(args) -> int:
     tqdm = _require("tqdm.auto", "cli").tqdm
-    from .experiments.compare import BUDGETS, LR_GRIDS
+    from .experiments.compare import BUDGET_OPTIMIZER_OVERRIDES, BUDGETS, LR_GRIDS
     from .experiments.glue import GlueRunConfig, run
 
     _check_glue_inputs(args, [args.task])
@@ -184,7 +184,9 @@ def _finetune(args) -> int:
     grid = LR_GRIDS.get(args.optimizer, [1e-4])
     config = GlueRunConfig(task=args.task, optimizer=args.optimizer, lr=args.lr or grid[len(grid) // 2],
                            seed=args.seed, model=args.model, data_dir=args.data_dir, max_steps=args.max_steps,
-                           lora_r=args.lora_r if args.peft == "lora" else None, threads=args.threads, **settings)
+                           lora_r=args.lora_r if args.peft == "lora" else None, threads=args.threads,
+                           optimizer_overrides=dict(BUDGET_OPTIMIZER_OVERRIDES[args.budget].get(args.optimizer, {})),
+                           **settings)
     with tqdm(desc=f"{args.task} {args.optimizer}", unit="step") as bar:
         def progress(step, total):
             bar.total = total

@@ -1,0 +1,85 @@
+"""The GLUE comparison: held-out tuning, resumable run files, tables; and `nanoadam finetune`."""
+
+import json
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytest.importorskip("transformers")
+pytest.importorskip("datasets")
+
+from nanoadam.cli import main  # noqa: E402
+from nanoadam.experiments.compare import CompareConfig, _write_atomic, best_lr, run_compare  # noqa: E402
+from nanoadam.experiments.glue import run  # noqa: E402
+from nanoadam.experiments.report import glue_table, plot_curves  # noqa: E402
+
+DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "glue")
+if not os.path.isdir(DATA):
+    DATA = "/work/shared/data/glue"
+TINY = dict(train_limit=40, eval_limit=40, max_steps=2, max_length=32, batch_size=8, epochs=1.0, eval_points=1)
+
+
+def in_process(calls):
+    def execute(config, path):
+        calls.append(path)
+        _write_atomic(path, run(config))
+    return execute
+
+
+def test_compare_tunes_on_heldout_resumes_and_reports(tmp_path):
+    config = CompareConfig(tasks=["rte"], optimizers=["adamw", "nanoadam"], seeds=2, data_dir=DATA,
+                           out=str(tmp_path), lr_grids={"adamw": [1e-4, 1e-3], "nanoadam": [1e-3]}, overrides=TINY)
+    calls = []
+    summary = run_compare(config, execute=in_process(calls))
+    assert len(calls) == 3 + 4 and not summary["failures"]
+    tune = json.loads(next((tmp_path / "runs/rte/adamw").glob("tune-*.json")).read_text())
+    assert tune["config"]["eval_split"] == "heldout" and tune["eval_examples"] == 8  # 20 % of 40, never validation
+    cell = summary["cells"]["rte"]["nanoadam"]
+    assert len(cell["scores"]) == 2 and 0 <= cell["untouched_fraction"] <= 1 and cell["untouched_fraction"] > 0.8
+    assert summary["cells"]["rte"]["adamw"]["untouched_fraction"] < cell["untouched_fraction"]
+    assert set(summary["average"]) == {"adamw", "nanoadam"}
+    again = []
+    run_compare(config, execute=in_process(again))
+    assert again == []  # every finished run is reused
+    table = glue_table(summary)
+    assert "RTE (acc)" in table and "nanoadam" in table
+    assert plot_curves(tmp_path, summary)[0].exists()
+
+
+def test_best_lr_prefers_score_then_smaller_rate():
+    assert best_lr({1e-4: {"score": 0.5}, 1e-3: {"score": 0.7}}) == 1e-3
+    assert best_lr({1e-4: {"score": 0.7}, 1e-3: {"score": 0.7}}) == 1e-4
+    assert best_lr({1e-4: {"score": float("nan")}, 1e-3: {"score": 0.1}}) == 1e-3
+
+
+def test_finetune_cli_writes_a_result(tmp_path, capsys):
+    assert main(["finetune", "--task", "stsb", "--optimizer", "nanoadam", "--lr", "1e-3", "--data-dir", DATA,
+                 "--max-steps", "2", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "pearson" in out
+    result = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert result["config"]["optimizer_overrides"] == {"mask_interval": 10} and result["steps"] == 2
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["finetune", "--task", "qqp", "--optimizer", "adamw"], "unknown task"),
+    (["finetune", "--task", "rte", "--optimizer", "sgd"], "unknown optimizer"),
+    (["finetune", "--task", "rte", "--optimizer", "adamw", "--lr", "0"], "must be > 0"),
+    (["finetune", "--task", "rte", "--optimizer", "adamw", "--data-dir", "/nonexistent"], "data folder lacks"),
+    (["finetune", "--task", "rte", "--optimizer", "adamw", "--data-dir", DATA, "--model", "/nonexistent/model"],
+     "cannot load model"),
+    (["compare", "--tasks", "rte,mnli"], "unknown task"),
+])
+def test_bad_input_is_one_line(argv, match, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert match in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_data_folder_without_expected_fields(tmp_path, capsys):
+    (tmp_path / "rte").mkdir()
+    for split in ("train", "validation"):
+        (tmp_path / "rte" / f"{split}.jsonl").write_text('{"text": "a", "label": 0}\n')
+    assert main(["finetune", "--task", "rte", "--optimizer", "adamw", "--data-dir", str(tmp_path)]) == 2
+    assert "need fields" in capsys.readouterr().err
