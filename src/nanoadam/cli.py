@@ -68,6 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--seeds", type=_positive_int, default=3)
     _add_common_glue_args(compare)
 
+    reproduce = commands.add_parser("reproduce", help="the paper's analyses, each writing tables, figures and JSON")
+    analyses = reproduce.add_subparsers(dest="analysis", parser_class=_Parser)
+    toy = analyses.add_parser("toy", help="two-layer ReLU teacher-student: small weights vs large gradients")
+    toy.add_argument("--seed", type=int, default=0, help="first seed")
+    toy.add_argument("--seeds", type=_positive_int, default=5, help="number of seeds")
+    toy.add_argument("--input-dim", type=_positive_int, default=2)
+    toy.add_argument("--student-width", type=_positive_int, default=50)
+    toy.add_argument("--finetune-steps", type=_positive_int, default=5000)
+    toy.add_argument("--fraction", type=_density, default=0.1, help="fraction of each layer finetuned")
+    toy.add_argument("--mask-interval", type=_positive_int, default=10)
+    toy.add_argument("--out", type=Path, default=Path("results/toy"))
+
     bench = commands.add_parser(
         "bench", help="speed and memory benchmarks",
         description="Without a subcommand: every registry optimizer side by side on one model (step time, "
@@ -240,6 +252,23 @@ def _machine() -> dict:
     return machine_info()
 
 
+def _reproduce_toy(args) -> int:
+    from .experiments.toy import ToyConfig, run, write_outputs
+
+    config = ToyConfig(seed=args.seed, n_seeds=args.seeds, input_dim=args.input_dim,
+                       student_width=args.student_width, finetune_steps=args.finetune_steps, fraction=args.fraction,
+                       mask_interval=args.mask_interval, out_dir=str(args.out))
+    result = run(config, progress=True)
+    result["command"] = _command_line()
+    for path in write_outputs(result, config.out_dir):
+        print(path)
+    return 0
+
+
+def _command_line() -> str:
+    return "nanoadam " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("nanoadam") else " ".join(sys.argv)
+
+
 def _bench_optimizers(args) -> int:
     tqdm = _require("tqdm.auto", "cli").tqdm
     from .baselines import MissingExtraError, available_optimizers
@@ -301,8 +330,7 @@ def _atomic_write(path: Path, text: str) -> None:
 def write_result(out: Path, name: str, result: dict, table: str, title: str) -> None:
     """``out/name.json`` (the result) and ``out/name.md`` (title, command, machine, date, table)."""
     machine = result.get("machine", {})
-    command = "nanoadam " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("nanoadam") else " ".join(sys.argv)
-    header = [f"# {title}", "", f"Command: `{command}`", ""]
+    header = [f"# {title}", "", f"Command: `{_command_line()}`", ""]
     if machine:
         header.append(f"Machine: {machine.get('processor')}, {machine.get('threads')} threads, "
                       f"torch {machine.get('torch')}, {machine.get('platform')}; date: {machine.get('date')}")
@@ -322,6 +350,11 @@ def main(argv: list[str] | None = None) -> int:
             return _finetune(args)
         if args.command == "compare":
             return _compare(args)
+        if args.command == "reproduce":
+            handlers = {"toy": _reproduce_toy}
+            if args.analysis not in handlers:
+                raise UsageError(f"nanoadam reproduce: choose one of {', '.join(handlers)}")
+            return handlers[args.analysis](args)
         if args.command == "bench":
             return {"step": _bench_step, "memory": _bench_memory, None: _bench_optimizers}[args.bench](args)
     except UsageError as e:

@@ -1,0 +1,621 @@
+"""Toy teacher-student experiment of Sec. 2.3 / Appendix E (Fig. 3, Tables 8 and 9).
+
+Small weights versus large gradients when finetuning a two-layer ReLU network
+``f(x) = sum_j a_j relu(w_j . x)`` that was pretrained in the feature-learning (rich) regime.
+
+Setup. The extracted paper lost every number of Appendix E; each one below is a choice made here
+(defaults of ``ToyConfig``), also listed in the generated ``toy.md``:
+
+* Inputs ``x ~ N(0, I_d)`` with ``d = input_dim = 2``, so that neurons can be drawn exactly (Fig. 3).
+* Teacher: ``teacher_width = 2`` neurons, ``w*_i`` with i.i.d. Rademacher entries divided by ``sqrt(d)``
+  (unit norm) and ``a*_i`` Rademacher (+-1). Teacher and added neurons get pairwise distinct sign patterns
+  (drawn without replacement), so that an added neuron is a new feature: in ``d = 2`` there are only four
+  patterns, the diagonals, and a duplicate would only rescale an old neuron.
+* Student: ``student_width = 50`` neurons, balanced small initialization ``w_j ~ N(0, init_scale^2 / d I)``,
+  ``a_j = s_j ||w_j||`` with a Rademacher sign ``s_j`` (``init_scale = 1e-3``). No ``1/m`` factor: with
+  tiny balanced weights this is the rich regime, where neurons first align with teacher directions and
+  then grow, while the others stay small (implicit sparsity).
+* Pretraining: full-batch gradient descent on ``0.5 * mean((f(x) - y)^2)`` over ``n_train = 1000`` fixed
+  samples, ``pretrain_steps = 4000`` steps at ``pretrain_lr = 0.1`` (train MSE below 2e-5 on every default seed).
+* Finetuning tasks: the teacher plus ``k`` new neurons drawn like the teacher ones (``k = 1``: Table 8,
+  ``k = 2``: Table 9; the 2-neuron task contains the neuron of the 1-neuron task), on a fresh training
+  set of ``n_train`` samples.
+* Finetuning: plain full-batch gradient descent (not Adam: the paper's "nano gradient flow"),
+  ``finetune_steps = 5000`` steps at ``finetune_lr = 0.05`` (smaller than ``pretrain_lr``, as the paper does
+  for the stability of the large-gradient runs). In each layer (``W`` and ``a`` separately) only
+  ``ceil(fraction * numel)`` entries move (``fraction = 0.1``: 10 of the 100 entries of ``W``, 5 of the 50 of
+  ``a``), chosen as the smallest ``|weight|`` (``small_weights``, NanoAdam's rule) or the largest
+  ``|gradient|`` (``large_gradients``). Main result: both masks are re-chosen every ``mask_interval = 10``
+  steps, from the current weights resp. the current full gradient. The ``*_static`` variants choose the
+  mask once, at the first finetuning step, and keep it (the setting of Theorem 2.2, where one fixed small
+  neuron is trained). A reference run updating every weight (``full``) is reported too.
+* Metrics on ``n_test = 10000`` fresh samples: test MSE ``mean((f(x) - y)^2)`` (no 1/2) on the new task;
+  distance travelled ``||theta_ft - theta_pre||_2`` over all parameters (the weight-space measure of
+  Lemma E.2); also the path length (sum of step norms), the distance restricted to the large pretrained
+  neurons (``|a_j| ||w_j|| >= large_neuron_threshold * max``, threshold 0.1: how much of the pretrained
+  representation is overwritten, Definition 2.1), the fraction of entries ever moved and the masked share
+  of the squared gradient norm. Mean and sample standard deviation (``ddof = 1``) over ``n_seeds = 5`` seeds
+  ``seed, seed + 1, ...``; each seed draws its own teacher, added neurons, data and initialization.
+
+Figures: one per task, a panel per strategy (re-chosen masks and the reference on top, static masks
+below). Teacher neurons are arrows to ``|a*_i| w*_i`` (solid: pretraining teacher, dashed: added
+neurons); student neurons are points at ``|a_j| w_j`` (hollow: pretrained, filled: finetuned, a grey
+segment joins the two); colour is the sign of the output weight (red ``+``, blue ``-``). For ``d > 2``
+the drawing is projected on the plane of the first two teacher neurons.
+
+Everything is float64 on one CPU thread with explicit (loop-free) gradients, deterministic given the
+seed. Reproduce the committed results (``docs/results/toy``) with ``nanoadam reproduce toy``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+STRATEGIES = ("small_weights", "large_gradients", "small_weights_static", "large_gradients_static", "full")
+LABELS = {
+    "small_weights": "Small weights",
+    "large_gradients": "Large gradients",
+    "small_weights_static": "Small weights, static mask",
+    "large_gradients_static": "Large gradients, static mask",
+    "full": "All weights (reference)",
+}
+# pairs compared in the verdict: the re-selected masks (the main result) and the masks chosen once at step 0
+PAIRS = {"dynamic": ("small_weights", "large_gradients"), "static": ("small_weights_static", "large_gradients_static")}
+DTYPE = torch.float64
+
+
+@dataclass
+class ToyConfig:
+    """Every knob of the toy experiment; the defaults produce ``docs/results/toy``."""
+
+    seed: int = 0  # first seed; seeds are seed, seed + 1, ..., seed + n_seeds - 1
+    n_seeds: int = 5
+    input_dim: int = 2  # d
+    teacher_width: int = 2  # neurons of the pretraining teacher
+    student_width: int = 50  # m
+    added_neurons: tuple[int, ...] = (1, 2)  # finetuning tasks: teacher + k new neurons (Table 8: 1, Table 9: 2)
+    n_train: int = 1000  # fixed full-batch training set (one for pretraining, a fresh one for finetuning)
+    n_test: int = 10000  # fresh test samples
+    init_scale: float = 1e-3  # E||w_j|| at init, with |a_j| = ||w_j|| (balanced)
+    pretrain_steps: int = 4000
+    pretrain_lr: float = 0.1
+    finetune_steps: int = 5000
+    finetune_lr: float = 0.05
+    fraction: float = 0.1  # fraction of the entries of each layer (W and a separately) that is finetuned
+    mask_interval: int = 10  # steps between mask re-selections (same rule for both strategies)
+    strategies: tuple[str, ...] = STRATEGIES
+    large_neuron_threshold: float = 0.1  # "large" pretrained neuron: |a_j| ||w_j|| >= this * max
+    figure_seed: int = 0  # index (into the seeds) of the run drawn in the figures
+    out_dir: str = "docs/results/toy"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# model, data, gradients
+
+
+def forward(W: torch.Tensor, a: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """``f(x) = sum_j a_j relu(w_j . x)`` for every row of ``X`` (``W``: m x d, ``a``: m)."""
+    return (X @ W.T).clamp_min(0) @ a
+
+
+def loss_and_grads(W: torch.Tensor, a: torch.Tensor, X: torch.Tensor, y: torch.Tensor):
+    """Objective ``0.5 * mean((f - y)^2)`` and its gradients in ``W`` and ``a`` (ReLU'(0) = 0, as autograd)."""
+    h = X @ W.T  # n x m
+    act = h.clamp_min(0)
+    e = act @ a - y  # n
+    n = X.shape[0]
+    ga = act.T @ e / n
+    gW = ((e[:, None] * (h > 0)) * a[None, :]).T @ X / n
+    return 0.5 * (e @ e) / n, gW, ga
+
+
+def mse(W: torch.Tensor, a: torch.Tensor, X: torch.Tensor, y: torch.Tensor) -> float:
+    return float(((forward(W, a, X) - y) ** 2).mean())
+
+
+def rademacher_rows(n: int, d: int, gen: torch.Generator) -> torch.Tensor:
+    """``n`` pairwise distinct rows of +-1 entries (without replacement while 2^d allows it)."""
+    if d <= 20 and n <= 2**d:
+        codes = torch.randperm(2**d, generator=gen)[:n]
+        bits = (codes[:, None] >> torch.arange(d)[None, :]) & 1
+        return (2 * bits - 1).to(DTYPE)
+    return (2 * torch.randint(0, 2, (n, d), generator=gen) - 1).to(DTYPE)
+
+
+@dataclass
+class Problem:
+    """One seed: teacher, added neurons, data and the student initialization."""
+
+    Wt: torch.Tensor  # (teacher_width + max k) x d: teacher rows first, then the added neurons
+    at: torch.Tensor
+    X_pre: torch.Tensor
+    X_ft: torch.Tensor
+    X_test: torch.Tensor
+    W0: torch.Tensor
+    a0: torch.Tensor
+
+
+def make_problem(cfg: ToyConfig, seed: int) -> Problem:
+    gen = torch.Generator().manual_seed(seed)
+    d, n_new = cfg.input_dim, max(cfg.added_neurons, default=0)
+    Wt = rademacher_rows(cfg.teacher_width + n_new, d, gen) / math.sqrt(d)
+    at = (2 * torch.randint(0, 2, (cfg.teacher_width + n_new,), generator=gen) - 1).to(DTYPE)
+    X_pre = torch.randn(cfg.n_train, d, generator=gen, dtype=DTYPE)
+    X_ft = torch.randn(cfg.n_train, d, generator=gen, dtype=DTYPE)
+    X_test = torch.randn(cfg.n_test, d, generator=gen, dtype=DTYPE)
+    W0 = torch.randn(cfg.student_width, d, generator=gen, dtype=DTYPE) * (cfg.init_scale / math.sqrt(d))
+    signs = (2 * torch.randint(0, 2, (cfg.student_width,), generator=gen) - 1).to(DTYPE)
+    a0 = signs * W0.norm(dim=1)
+    return Problem(Wt, at, X_pre, X_ft, X_test, W0, a0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# training
+
+
+def pretrain(W: torch.Tensor, a: torch.Tensor, X: torch.Tensor, y: torch.Tensor, steps: int, lr: float):
+    """Full-batch gradient descent on all parameters; returns the final weights and the loss curve (every 1 %)."""
+    W, a = W.clone(), a.clone()
+    every = max(1, steps // 100)
+    curve = []
+    for t in range(steps):
+        loss, gW, ga = loss_and_grads(W, a, X, y)
+        if t % every == 0:
+            curve.append([t, float(loss)])
+        W -= lr * gW
+        a -= lr * ga
+    curve.append([steps, float(loss_and_grads(W, a, X, y)[0])])
+    return W, a, curve
+
+
+def select_mask(weight: torch.Tensor, grad: torch.Tensor, strategy: str, k: int) -> torch.Tensor:
+    """Boolean mask of the ``k`` entries of one layer that the strategy updates."""
+    if strategy == "full":
+        return torch.ones_like(weight, dtype=torch.bool)
+    strategy = strategy.removesuffix("_static")
+    if strategy == "small_weights":
+        idx = torch.topk(weight.abs().flatten(), k, largest=False).indices
+    elif strategy == "large_gradients":
+        idx = torch.topk(grad.abs().flatten(), k, largest=True).indices
+    else:
+        raise ValueError(f"unknown strategy {strategy!r} (expected one of {STRATEGIES})")
+    mask = torch.zeros(weight.numel(), dtype=torch.bool)
+    mask[idx] = True
+    return mask.view_as(weight)
+
+
+def kept(fraction: float, numel: int) -> int:
+    """Entries finetuned in a layer of ``numel`` entries: ``ceil(fraction * numel)``, at least 1."""
+    return max(1, min(numel, math.ceil(round(fraction * numel, 9))))
+
+
+def finetune(W: torch.Tensor, a: torch.Tensor, X: torch.Tensor, y: torch.Tensor, strategy: str, steps: int,
+             lr: float, fraction: float, mask_interval: int, callback: Callable | None = None) -> dict:
+    """Masked full-batch gradient descent from ``(W, a)``.
+
+    Every ``mask_interval`` steps (from step 0) the masks of ``W`` and ``a`` are re-chosen with ``select_mask``
+    (only at step 0 for the ``*_static`` strategies); each step updates only the masked entries.
+    ``callback(t, (W, a) before, (W, a) after, (mask_W, mask_a))`` is called after every step when given.
+    Returns the final weights and per-run statistics, among them ``gradient_share``: the masked part of the
+    squared full-gradient norm, averaged over the steps (1 for ``full``; near 0 when the mask sits on
+    entries that the new task does not move).
+    """
+    W, a = W.clone(), a.clone()
+    kW, ka = kept(fraction, W.numel()), kept(fraction, a.numel())
+    static = strategy.endswith("_static")
+    if strategy == "full":
+        kW, ka = W.numel(), a.numel()
+    zero = torch.zeros((), dtype=torch.long)
+    path = torch.zeros((), dtype=DTYPE)
+    share = torch.zeros((), dtype=DTYPE)  # sum over steps of the masked share of the squared gradient norm
+    max_W, max_a = zero, zero
+    ever_W, ever_a = torch.zeros_like(W, dtype=torch.bool), torch.zeros_like(a, dtype=torch.bool)
+    mW = ma = None
+    for t in range(steps):
+        _, gW, ga = loss_and_grads(W, a, X, y)
+        if t == 0 or (not static and t % mask_interval == 0):
+            mW, ma = select_mask(W, gW, strategy, kW), select_mask(a, ga, strategy, ka)
+        W_new, a_new = W - lr * gW * mW, a - lr * ga * ma
+        full_sq = gW.square().sum() + ga.square().sum()
+        share += ((gW * mW).square().sum() + (ga * ma).square().sum()) / full_sq.clamp_min(1e-300)
+        changed_W, changed_a = W_new != W, a_new != a  # what actually moved, rounding included
+        max_W, max_a = torch.maximum(max_W, changed_W.sum()), torch.maximum(max_a, changed_a.sum())
+        ever_W |= changed_W
+        ever_a |= changed_a
+        path += ((W_new - W).square().sum() + (a_new - a).square().sum()).sqrt()
+        if callback is not None:
+            callback(t, (W, a), (W_new, a_new), (mW, ma))
+        W, a = W_new, a_new
+    max_changed = {"W": int(max_W), "a": int(max_a)}
+    ever = {"W": ever_W, "a": ever_a}
+    return {
+        "W": W, "a": a, "path_length": float(path), "gradient_share": float(share) / max(1, steps),
+        "kept": {"W": kW, "a": ka}, "max_changed_per_step": max_changed,
+        "ever_changed_fraction": {k: float(v.double().mean()) for k, v in ever.items()},
+    }
+
+
+def _stats(xs: list[float]) -> dict:
+    t = torch.tensor(xs, dtype=DTYPE)
+    std = float(t.std(unbiased=True)) if len(xs) > 1 else 0.0
+    return {"mean": float(t.mean()), "std": std, "values": [float(x) for x in xs]}
+
+
+def _neurons(W: torch.Tensor, a: torch.Tensor) -> dict:
+    return {"W": W.tolist(), "a": a.tolist()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# experiment
+
+
+def run(config: ToyConfig, progress=None) -> dict:
+    """Run the whole experiment; returns a JSON-serializable dict (see ``write_outputs``).
+
+    ``progress``: ``None`` (silent), ``True`` (a tqdm bar) or a callable receiving one message per unit of work.
+    """
+    cfg = config
+    if cfg.n_seeds < 1 or not cfg.added_neurons:
+        raise ValueError("need at least one seed and one finetuning task")
+    for s in cfg.strategies:
+        if s not in STRATEGIES:
+            raise ValueError(f"unknown strategy {s!r} (expected one of {STRATEGIES})")
+    total = cfg.n_seeds * (1 + len(cfg.added_neurons) * len(cfg.strategies))
+    bar = None
+    if progress is True:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc="toy")
+
+    def tick(msg: str) -> None:
+        if bar is not None:
+            bar.set_postfix_str(msg)
+            bar.update(1)
+        elif callable(progress):
+            progress(msg)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: one thread is faster, and results do not depend on the core count
+    try:
+        return _run(cfg, tick, bar)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: ToyConfig, tick: Callable, bar) -> dict:
+    start = time.perf_counter()
+    seeds = [cfg.seed + i for i in range(cfg.n_seeds)]
+    pre_train, pre_test, large_counts = [], [], []
+    per = {str(k): {s: {"test_loss": [], "distance": [], "path_length": [], "large_neuron_distance": [],
+                        "ever_changed_fraction_W": [], "ever_changed_fraction_a": [], "gradient_share": []}
+                    for s in cfg.strategies} for k in cfg.added_neurons}
+    before = {str(k): [] for k in cfg.added_neurons}  # pretrained student's loss on the new task
+    checks = {"max_changed_per_step": {}, "kept": {}}
+    figure = None
+    for i, seed in enumerate(seeds):
+        p = make_problem(cfg, seed)
+        T = cfg.teacher_width
+        y_pre = forward(p.Wt[:T], p.at[:T], p.X_pre)
+        W, a, curve = pretrain(p.W0, p.a0, p.X_pre, y_pre, cfg.pretrain_steps, cfg.pretrain_lr)
+        pre_train.append(mse(W, a, p.X_pre, y_pre))
+        pre_test.append(mse(W, a, p.X_test, forward(p.Wt[:T], p.at[:T], p.X_test)))
+        mag = a.abs() * W.norm(dim=1)
+        large = mag >= cfg.large_neuron_threshold * mag.max()
+        large_counts.append(int(large.sum()))
+        tick(f"seed {seed} pretrained (test mse {pre_test[-1]:.2e})")
+        if i == cfg.figure_seed:
+            figure = {"seed": seed, "teacher": _neurons(p.Wt, p.at), "teacher_width": T,
+                      "initial": _neurons(p.W0, p.a0), "pretrained": _neurons(W, a), "pretrain_curve": curve,
+                      "finetuned": {}}
+        for k in cfg.added_neurons:
+            Wt, at = p.Wt[: T + k], p.at[: T + k]
+            y_ft, y_test = forward(Wt, at, p.X_ft), forward(Wt, at, p.X_test)
+            before[str(k)].append(mse(W, a, p.X_test, y_test))
+            for s in cfg.strategies:
+                out = finetune(W, a, p.X_ft, y_ft, s, cfg.finetune_steps, cfg.finetune_lr, cfg.fraction,
+                               cfg.mask_interval)
+                dW, da = out["W"] - W, out["a"] - a
+                r = per[str(k)][s]
+                r["test_loss"].append(mse(out["W"], out["a"], p.X_test, y_test))
+                r["distance"].append(math.sqrt(float(dW.pow(2).sum() + da.pow(2).sum())))
+                r["path_length"].append(out["path_length"])
+                r["gradient_share"].append(out["gradient_share"])
+                r["large_neuron_distance"].append(
+                    math.sqrt(float(dW[large].pow(2).sum() + da[large].pow(2).sum())))
+                r["ever_changed_fraction_W"].append(out["ever_changed_fraction"]["W"])
+                r["ever_changed_fraction_a"].append(out["ever_changed_fraction"]["a"])
+                mc = checks["max_changed_per_step"].setdefault(s, {"W": 0, "a": 0})
+                for key in ("W", "a"):
+                    mc[key] = max(mc[key], out["max_changed_per_step"][key])
+                checks["kept"][s] = out["kept"]
+                if figure is not None and i == cfg.figure_seed:
+                    figure["finetuned"].setdefault(str(k), {})[s] = _neurons(out["W"], out["a"])
+                tick(f"seed {seed} k={k} {s}: test mse {r['test_loss'][-1]:.2e}")
+    if bar is not None:
+        bar.close()
+
+    tasks = {}
+    for k in cfg.added_neurons:
+        tasks[str(k)] = {"pretrained_test_loss": _stats(before[str(k)]),
+                         "methods": {s: {m: _stats(v) for m, v in per[str(k)][s].items()} for s in cfg.strategies}}
+    cfg_dict = asdict(cfg)
+    cfg_dict["added_neurons"] = list(cfg.added_neurons)
+    cfg_dict["strategies"] = list(cfg.strategies)
+    return {
+        "config": cfg_dict,
+        "seeds": seeds,
+        "pretrain": {"train_loss": _stats(pre_train), "test_loss": _stats(pre_test),
+                     "large_neurons": _stats([float(c) for c in large_counts])},
+        "tasks": tasks,
+        "checks": checks,
+        "verdict": _verdict(tasks, cfg),
+        "figure": figure,
+        "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": "float64"},
+        "elapsed_s": time.perf_counter() - start,
+    }
+
+
+def _verdict(tasks: dict, cfg: ToyConfig) -> dict:
+    out = {}
+    for regime, (small, large) in PAIRS.items():
+        if not {small, large} <= set(cfg.strategies):
+            continue
+        out[regime] = {}
+        for k, t in tasks.items():
+            sw, lg = t["methods"][small], t["methods"][large]
+            res = {}
+            for metric in ("test_loss", "distance", "large_neuron_distance"):
+                wins = sum(x < y for x, y in zip(sw[metric]["values"], lg[metric]["values"]))
+                res[metric] = {"small_weights_lower_mean": sw[metric]["mean"] < lg[metric]["mean"],
+                               "seeds_small_weights_lower": wins, "seeds": len(sw[metric]["values"])}
+            out[regime][k] = res
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# outputs
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def _fmt(st: dict) -> str:
+    return f"{st['mean']:.3g} ± {st['std']:.2g}"
+
+
+def markdown(result: dict) -> str:
+    cfg = result["config"]
+    lines = ["# Toy teacher-student: small weights vs large gradients (Sec. 2.3, Fig. 3, Tables 8 and 9)", ""]
+    lines += [
+        f"Reproduce: `{result.get('command', 'nanoadam reproduce toy')}` "
+        f"({result['elapsed_s']:.0f} s on {result['environment']['threads']} CPU threads, "
+        f"torch {result['environment']['torch']}).",
+        "",
+        f"Mean ± sample std (ddof 1) over {cfg['n_seeds']} seeds {result['seeds']}. Test loss = MSE "
+        f"`mean((f(x) - y)^2)` on {cfg['n_test']} fresh samples of the finetuning task; distance = "
+        "`||theta_ft - theta_pre||_2` over all parameters (W and a); large-neuron distance = the same restricted "
+        f"to the pretrained neurons with `|a_j| ||w_j|| >= {cfg['large_neuron_threshold']} * max`; "
+        "touched = fraction of the entries of W that moved at least once; gradient share = masked part of the "
+        "squared full-gradient norm `(||g*m||^2 / ||g||^2)`, averaged over the finetuning steps.",
+        "",
+        f"Pretraining: train MSE {_fmt(result['pretrain']['train_loss'])}, test MSE "
+        f"{_fmt(result['pretrain']['test_loss'])}; large pretrained neurons: "
+        f"{_fmt(result['pretrain']['large_neurons'])} of {cfg['student_width']}.",
+        "",
+    ]
+    for k, t in result["tasks"].items():
+        table = "8" if k == "1" else "9" if k == "2" else "-"
+        lines += [f"## {k} added neuron{'s' if k != '1' else ''} (paper Table {table})", "",
+                  f"Pretrained student before finetuning: test MSE {_fmt(t['pretrained_test_loss'])}.", "",
+                  "| method | test loss | distance | large-neuron distance | path length | touched (W) "
+                  "| gradient share |",
+                  "|---|---|---|---|---|---|---|"]
+        for s, m in t["methods"].items():
+            lines.append(f"| {LABELS[s]} | {_fmt(m['test_loss'])} | {_fmt(m['distance'])} | "
+                         f"{_fmt(m['large_neuron_distance'])} | {_fmt(m['path_length'])} | "
+                         f"{_fmt(m['ever_changed_fraction_W'])} | {_fmt(m['gradient_share'])} |")
+        lines.append("")
+        for regime, per_task in result["verdict"].items():
+            tl, di = per_task[k]["test_loss"], per_task[k]["distance"]
+            lines += [f"{regime.capitalize()} masks: small weights have the lower test loss on "
+                      f"{tl['seeds_small_weights_lower']}/{tl['seeds']} seeds (mean: "
+                      f"{'yes' if tl['small_weights_lower_mean'] else 'no'}) and the shorter distance on "
+                      f"{di['seeds_small_weights_lower']}/{di['seeds']} seeds "
+                      f"(mean: {'yes' if di['small_weights_lower_mean'] else 'no'}).", ""]
+        lines += [f"![{k} added]({_figure_name(k)})", ""]
+    lines += ["## Choices (the extracted paper lost these numbers)", ""]
+    lines += [f"- {c}" for c in _choices(cfg)]
+    lines.append("")
+    lines += ["## Do small weights beat large gradients here?", ""]
+    if not result["verdict"]:
+        lines += ["Not compared (a small-weights / large-gradients pair is needed).", ""]
+    for regime in result["verdict"]:
+        lines += [_verdict_paragraph(result, regime), ""]
+    return "\n".join(lines)
+
+
+def _verdict_paragraph(result: dict, regime: str) -> str:
+    tasks, verdict = result["tasks"], result["verdict"][regime]
+    small, large = PAIRS[regime]
+    what = {"dynamic": f"Masks re-chosen every {result['config']['mask_interval']} steps (main result)",
+            "static": "Masks chosen once, at the first finetuning step"}[regime]
+    parts, loss_wins, dist_wins = [], 0, 0
+    for k, v in verdict.items():
+        sw, lg = tasks[k]["methods"][small], tasks[k]["methods"][large]
+        loss_wins += v["test_loss"]["small_weights_lower_mean"]
+        dist_wins += v["distance"]["small_weights_lower_mean"]
+        parts.append(
+            f"with {k} added neuron{'s' if k != '1' else ''}, small weights reach test MSE {_fmt(sw['test_loss'])} "
+            f"against {_fmt(lg['test_loss'])} for large gradients "
+            f"(lower on {v['test_loss']['seeds_small_weights_lower']}/{v['test_loss']['seeds']} seeds) "
+            f"and travel {_fmt(sw['distance'])} against {_fmt(lg['distance'])} "
+            f"(shorter on {v['distance']['seeds_small_weights_lower']}/{v['distance']['seeds']} seeds); the mask of "
+            f"small weights holds {_fmt(sw['gradient_share'])} of the squared gradient norm, that of large gradients "
+            f"{_fmt(lg['gradient_share'])}")
+    n = len(verdict)
+    if loss_wins == n and dist_wins == n:
+        head = "yes: small weights have both the lower mean test loss and the shorter mean distance, as in the paper."
+    elif dist_wins == n and loss_wins == 0:
+        head = ("no, not on the test loss: small weights move the pretrained student less (shorter distance, as in "
+                "the paper) but fit the new task worse than large gradients, unlike the paper's Tables 8 and 9.")
+    else:
+        head = (f"mixed: small weights have the lower mean test loss in {loss_wins}/{n} tasks and the shorter mean "
+                f"distance in {dist_wins}/{n}.")
+    text = f"**{what}**: " + head + " In numbers: " + "; ".join(parts) + "."
+    low = [k for k in verdict if tasks[k]["methods"][small]["gradient_share"]["mean"] < 0.05]
+    if low and regime == "dynamic":
+        text += (
+            f" With {' and '.join(low)} added neuron(s) the small-weight mask holds under 5 % of the squared gradient "
+            "norm, i.e. it sits mostly on entries that the new task barely moves; and since the mask is re-chosen, an "
+            "entry that does grow leaves the smallest set and is frozen again, which caps how far small weights can "
+            "grow."
+        )
+    return text
+
+
+def _choices(cfg: dict) -> list[str]:
+    return [
+        f"input dimension d = {cfg['input_dim']} (neurons drawn exactly, no projection); inputs x ~ N(0, I_d)",
+        f"teacher: {cfg['teacher_width']} neurons, w* = Rademacher / sqrt(d) (unit norm), a* = +-1 (Rademacher); "
+        "teacher and added neurons have pairwise distinct sign patterns",
+        f"student: {cfg['student_width']} neurons, f(x) = sum_j a_j relu(w_j . x) (no 1/m), balanced init "
+        f"w_j ~ N(0, {cfg['init_scale']:g}^2/d I), a_j = +-||w_j|| (random sign)",
+        f"pretraining: full-batch GD on 0.5 * MSE, {cfg['n_train']} samples, {cfg['pretrain_steps']} steps, "
+        f"lr {cfg['pretrain_lr']:g}, all parameters",
+        f"finetuning tasks: teacher + {cfg['added_neurons']} new neurons drawn like the teacher's, fresh set of "
+        f"{cfg['n_train']} training samples",
+        f"finetuning: plain full-batch GD (no Adam), {cfg['finetune_steps']} steps, lr {cfg['finetune_lr']:g}; per "
+        f"layer ceil({cfg['fraction']:g} * numel) entries (W and a separately) chosen by smallest |weight| or "
+        f"largest |gradient|, re-chosen every {cfg['mask_interval']} steps by the same rule for both (main result); "
+        "the `*_static` rows choose the masks once, at the first finetuning step, and keep them (the setting of "
+        "Theorem 2.2, where a fixed small neuron is trained)",
+        f"metrics on {cfg['n_test']} fresh test samples; {cfg['n_seeds']} seeds from {cfg['seed']}; mean and sample "
+        "std (ddof 1); distance = endpoint L2 over all parameters (the paper's measure, Lemma E.2)",
+        f"large pretrained neuron: |a_j| ||w_j|| >= {cfg['large_neuron_threshold']:g} * max (for the large-neuron "
+        "distance); figures: seed index "
+        f"{cfg['figure_seed']}, points at |a_j| w_j, arrows at |a*_i| w*_i, colour = sign of the output weight",
+        "float64, one CPU thread, gradients written out (equal to autograd, ReLU'(0) = 0)",
+    ]
+
+
+def _figure_name(k) -> str:
+    return f"toy_{k}_added.png"
+
+
+def plot_task(result: dict, k: str, path: str) -> None:
+    """Draw Fig. 3 for task ``k`` (a panel per strategy) into ``path`` (PNG, written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig_data = result["figure"]
+    T = fig_data["teacher_width"]
+    Wt = torch.tensor(fig_data["teacher"]["W"], dtype=DTYPE)[: T + int(k)]
+    at = torch.tensor(fig_data["teacher"]["a"], dtype=DTYPE)[: T + int(k)]
+    Wp = torch.tensor(fig_data["pretrained"]["W"], dtype=DTYPE)
+    ap = torch.tensor(fig_data["pretrained"]["a"], dtype=DTYPE)
+    d = Wt.shape[1]
+    if d == 2:
+        P = torch.eye(2, dtype=DTYPE)
+    else:  # plane of the first two teacher neurons
+        q, _ = torch.linalg.qr(Wt[:2].T)
+        P = q.T
+
+    def pts(W, a):
+        return ((a.abs()[:, None] * W) @ P.T).numpy()
+
+    order = ["small_weights", "large_gradients", "full", "small_weights_static", "large_gradients_static"]
+    strategies = sorted(fig_data["finetuned"][k], key=order.index)
+    ncols = min(3, len(strategies))
+    nrows = math.ceil(len(strategies) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 4.4 * nrows + 0.6), squeeze=False)
+    for ax in axes.flat[len(strategies):]:
+        ax.axis("off")
+    used = axes.flat[: len(strategies)]
+    colour = {True: "tab:red", False: "tab:blue"}
+    tp = pts(Wt, at)
+    pp = pts(Wp, ap)
+    lim = 1.25 * max(1.0, float(abs(tp).max()), float(abs(pp).max()))
+    for ax, s in zip(used, strategies):
+        Wf = torch.tensor(fig_data["finetuned"][k][s]["W"], dtype=DTYPE)
+        af = torch.tensor(fig_data["finetuned"][k][s]["a"], dtype=DTYPE)
+        fp = pts(Wf, af)
+        lim = max(lim, 1.1 * float(abs(fp).max()))
+        for i in range(tp.shape[0]):  # a handful of teacher arrows
+            new = i >= T
+            ax.annotate("", xy=(tp[i, 0], tp[i, 1]), xytext=(0, 0),
+                        arrowprops={"arrowstyle": "-|>", "color": colour[bool(at[i] > 0)], "lw": 2.0,
+                                    "linestyle": "--" if new else "-", "alpha": 0.85})
+            ax.annotate("new" if new else "teacher", xy=(tp[i, 0], tp[i, 1]), xytext=(4, 4),
+                        textcoords="offset points", fontsize=8)
+        ax.plot([pp[:, 0], fp[:, 0]], [pp[:, 1], fp[:, 1]], color="0.6", lw=0.8, zorder=1)
+        cp = [colour[bool(v > 0)] for v in ap]
+        cf = [colour[bool(v > 0)] for v in af]
+        ax.scatter(pp[:, 0], pp[:, 1], facecolors="none", edgecolors=cp, s=36, lw=1.2, zorder=2)
+        ax.scatter(fp[:, 0], fp[:, 1], c=cf, s=14, zorder=3)
+        m, i = result["tasks"][k]["methods"][s], result["config"]["figure_seed"]
+        ax.set_title(f"{LABELS[s]}\nseed {fig_data['seed']}: test MSE {m['test_loss']['values'][i]:.2e}, "
+                     f"distance {m['distance']['values'][i]:.2f}", fontsize=9)
+        ax.axhline(0, color="0.85", lw=0.6, zorder=0)
+        ax.axvline(0, color="0.85", lw=0.6, zorder=0)
+        ax.set_aspect("equal")
+    for ax in used:
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color="tab:red", lw=2, label="teacher, a* > 0"),
+               Line2D([], [], color="tab:blue", lw=2, label="teacher, a* < 0"),
+               Line2D([], [], color="k", lw=2, ls="--", label="added neuron"),
+               Line2D([], [], marker="o", ls="", mfc="none", mec="k", label="pretrained |a_j| w_j"),
+               Line2D([], [], marker="o", ls="", color="k", ms=4, label="finetuned (red a>0, blue a<0)")]
+    fig.legend(handles=handles, loc="lower center", ncol=3 if ncols < 3 else 5, fontsize=7.5, frameon=False)
+    fig.suptitle(f"{k} added neuron{'s' if k != '1' else ''}, fraction {result['config']['fraction']:g} per layer",
+                 fontsize=10)
+    fig.tight_layout(rect=(0, 0.5 / (4.4 * nrows + 0.6), 1, 1 - 0.3 / (4.4 * nrows + 0.6)), h_pad=2.5)
+    tmp = path + ".tmp"
+    fig.savefig(tmp, format="png", dpi=130)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_outputs(result: dict, out_dir: str) -> list[str]:
+    """Write ``toy.json``, ``toy.md`` and one ``toy_<k>_added.png`` per task into ``out_dir`` (atomically)."""
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    if result.get("figure") is not None:
+        for k in result["tasks"]:
+            path = os.path.join(out_dir, _figure_name(k))
+            plot_task(result, k, path)
+            written.append(path)
+    path = os.path.join(out_dir, "toy.json")
+    _atomic_write_text(path, json.dumps(result, indent=1) + "\n")
+    written.append(path)
+    path = os.path.join(out_dir, "toy.md")
+    _atomic_write_text(path, markdown(result))
+    written.append(path)
+    return written
+
+
+def main(config: ToyConfig | None = None, progress=True) -> dict:
+    """Run with ``config`` (default: ``ToyConfig()``) and write the outputs to ``config.out_dir``."""
+    config = config or ToyConfig()
+    result = run(config, progress=progress)
+    write_outputs(result, config.out_dir)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Toy teacher-student experiment (Sec. 2.3): structure, masked updates, pretraining, outputs."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from nanoadam.experiments import toy
+
+TINY = dict(n_seeds=2, student_width=12, n_train=200, n_test=500, pretrain_steps=1500, pretrain_lr=0.2,
+            finetune_steps=60, finetune_lr=0.05, fraction=0.25, mask_interval=5)
+
+
+@pytest.fixture(scope="module")
+def result():
+    return toy.run(toy.ToyConfig(**TINY))
+
+
+def test_result_structure(result):
+    json.dumps(result)  # JSON-serializable
+    assert result["seeds"] == [0, 1]
+    assert set(result["tasks"]) == {"1", "2"}
+    for task in result["tasks"].values():
+        assert set(task["methods"]) == set(toy.STRATEGIES)
+        for m in task["methods"].values():
+            for metric in ("test_loss", "distance", "path_length", "large_neuron_distance"):
+                st = m[metric]
+                assert len(st["values"]) == 2
+                assert all(math.isfinite(v) and v >= 0 for v in st["values"])
+                if metric != "large_neuron_distance":  # small weights may leave the large neurons untouched
+                    assert all(v > 0 for v in st["values"])
+                assert math.isfinite(st["mean"]) and math.isfinite(st["std"]) and st["std"] >= 0
+            # the straight-line distance never exceeds the path length
+            assert all(d <= p + 1e-12 for d, p in zip(m["distance"]["values"], m["path_length"]["values"]))
+    assert set(result["verdict"]) == {"dynamic", "static"}
+    assert all(set(v) == {"1", "2"} for v in result["verdict"].values())
+    fig = result["figure"]
+    assert set(fig["finetuned"]) == {"1", "2"} and set(fig["finetuned"]["1"]) == set(toy.STRATEGIES)
+    assert len(fig["teacher"]["W"]) == 2 + 2
+
+
+def test_masked_updates_change_only_the_fraction(result):
+    kept = result["checks"]["kept"]
+    assert kept["small_weights"] == {"W": math.ceil(0.25 * 12 * 2), "a": math.ceil(0.25 * 12)}
+    assert kept["large_gradients"] == kept["small_weights"]
+    for s in ("small_weights", "large_gradients", "small_weights_static", "large_gradients_static"):
+        assert kept[s] == kept["small_weights"]
+        mc = result["checks"]["max_changed_per_step"][s]
+        assert 0 < mc["W"] <= kept[s]["W"] and 0 < mc["a"] <= kept[s]["a"]
+
+
+@pytest.mark.parametrize("strategy", ["small_weights", "large_gradients", "small_weights_static"])
+def test_each_step_moves_only_the_selected_entries(strategy):
+    cfg = toy.ToyConfig(**TINY)
+    p = toy.make_problem(cfg, 3)
+    y = toy.forward(p.Wt, p.at, p.X_ft)
+    W, a = p.W0 * 100, p.a0 * 100  # not pretrained: fine for the mask rule
+    kW, ka = toy.kept(cfg.fraction, W.numel()), toy.kept(cfg.fraction, a.numel())
+    seen, first = [], []
+    static = strategy.endswith("_static")
+
+    def check(t, before, after, masks):
+        for old, new, mask, k in zip(before, after, masks, (kW, ka)):
+            assert int(mask.sum()) == k
+            assert torch.equal(new[~mask], old[~mask])  # frozen entries did not move
+        if t == 0 or (t % cfg.mask_interval == 0 and not static):  # a fresh mask follows the rule
+            _, gW, ga = toy.loss_and_grads(*before, p.X_ft, y)
+            for w, g, mask, k in zip(before, (gW, ga), masks, (kW, ka)):
+                key = (w.abs() if strategy.startswith("small_weights") else -g.abs()).flatten()
+                chosen = set(torch.argsort(key)[:k].tolist())
+                assert chosen == set(mask.flatten().nonzero().flatten().tolist())
+        elif static:  # the static mask never changes
+            assert all(torch.equal(m, m0) for m, m0 in zip(masks, first))
+        if t == 0:
+            first.extend(m.clone() for m in masks)
+        seen.append(t)
+
+    toy.finetune(W, a, p.X_ft, y, strategy, 23, 0.05, cfg.fraction, cfg.mask_interval, callback=check)
+    assert seen == list(range(23))
+
+
+def test_gradients_match_autograd():
+    cfg = toy.ToyConfig(**TINY)
+    p = toy.make_problem(cfg, 0)
+    y = toy.forward(p.Wt, p.at, p.X_pre)
+    W = (p.W0 * 300).requires_grad_()
+    a = (p.a0 * 300).requires_grad_()
+    loss = 0.5 * ((toy.forward(W, a, p.X_pre) - y) ** 2).mean()
+    loss.backward()
+    ref, gW, ga = toy.loss_and_grads(W.detach(), a.detach(), p.X_pre, y)
+    torch.testing.assert_close(ref, loss.detach())
+    torch.testing.assert_close(gW, W.grad)
+    torch.testing.assert_close(ga, a.grad)
+
+
+def test_pretraining_fits_the_teacher(result):
+    assert result["pretrain"]["train_loss"]["mean"] < 1e-3
+    assert result["pretrain"]["test_loss"]["mean"] < 1e-2
+    # the new tasks are not solved by the pretrained student
+    assert result["tasks"]["1"]["pretrained_test_loss"]["mean"] > 10 * result["pretrain"]["test_loss"]["mean"]
+
+
+def test_deterministic():
+    cfg = toy.ToyConfig(**{**TINY, "n_seeds": 1, "pretrain_steps": 200, "finetune_steps": 20})
+    r1, r2 = toy.run(cfg), toy.run(cfg)
+    r1.pop("elapsed_s"), r2.pop("elapsed_s")
+    assert r1 == r2
+
+
+def test_write_outputs(result, tmp_path):
+    written = toy.write_outputs(result, str(tmp_path))
+    names = {p.split("/")[-1] for p in written}
+    assert names == {"toy.json", "toy.md", "toy_1_added.png", "toy_2_added.png"}
+    for p in written:
+        assert (tmp_path / p.split("/")[-1]).stat().st_size > 0
+    assert not list(tmp_path.glob("*.tmp"))
+    assert json.loads((tmp_path / "toy.json").read_text())["seeds"] == [0, 1]
+    md = (tmp_path / "toy.md").read_text()
+    assert "| Small weights |" in md and "| Large gradients |" in md and "±" in md
+    assert (tmp_path / "toy_1_added.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
