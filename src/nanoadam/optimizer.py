@@ -14,6 +14,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import _cpu
+from . import _dtensor as _dt
 from .functional import Mask, dense_adamw, fused_applies, refresh_masks, sparse_adamw
 from .selection import INT16_CHUNK_LIMIT, SELECTIONS, ChunkLayout
 
@@ -237,6 +238,9 @@ class NanoAdam(Optimizer):
         step_tensors = [s["step"] for s in states]
         torch._foreach_add_(step_tensors, 1.0)
         steps = [s.item() for s in step_tensors]
+        # DTensor parameters (FSDP2): every rank works on its local shard.
+        shards = [_dt.local(p) for p in params]
+        grads = [_dt.local(p.grad) for p in params]
         stale = []
         for i, state in enumerate(states):
             if (
@@ -249,19 +253,15 @@ class NanoAdam(Optimizer):
         if stale:
             ordinal = {id(q): i for i, q in enumerate(p for g in self.param_groups for p in g["params"])}
             fresh = refresh_masks(
-                [params[i] for i in stale], [params[i].grad for i in stale],
-                [self._mask(params[i]) for i in stale],
-                [ChunkLayout.build(params[i].numel(), chunk_size, density) for i in stale],
+                [shards[i] for i in stale], [grads[i] for i in stale], [self._mask(params[i]) for i in stale],
+                [ChunkLayout.build(shards[i].numel(), chunk_size, density) for i in stale],
                 selection=group["selection"], state_dtype=group["state_dtype"],
                 seeds=[t * 1_000_003 + ordinal[id(params[i])] for i in stale], fused=group["fused"],
             )
             for i, mask in zip(stale, fresh):
-                state = self.state[params[i]]
-                state["index"], state["exp_avg"], state["exp_avg_sq"] = mask.index, mask.exp_avg, mask.exp_avg_sq
-                state["mask_density"] = torch.tensor(density, dtype=torch.float64)
-                state["mask_chunk_size"] = torch.tensor(chunk_size, dtype=torch.int64)
+                self._store_mask(params[i], mask, density, chunk_size)
         sparse_adamw(
-            params, [p.grad for p in params], [self._mask(p) for p in params], steps, lr=group["lr"],
+            shards, grads, [self._mask(p) for p in params], steps, lr=group["lr"],
             beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
             fused=group["fused"],
         )
@@ -270,15 +270,35 @@ class NanoAdam(Optimizer):
         state = self.state[p]
         if "index" not in state:
             return None
-        layout = ChunkLayout.build(p.numel(), int(state["mask_chunk_size"]), float(state["mask_density"]))
-        return Mask(state["index"], state["exp_avg"], state["exp_avg_sq"], layout)
+        layout = ChunkLayout.build(_dt.local(p).numel(), int(state["mask_chunk_size"]), float(state["mask_density"]))
+        tensors = [state[k] for k in ("index", "exp_avg", "exp_avg_sq")]
+        if _dt.is_dtensor(tensors[0]):
+            tensors = [_dt.local_row(t, layout.kept) for t in tensors]
+        return Mask(*tensors, layout)
+
+    def _store_mask(self, p: torch.Tensor, mask: Mask, density: float, chunk_size: int) -> None:
+        state = self.state[p]
+        keys = ("index", "exp_avg", "exp_avg_sq")
+        if _dt.is_dtensor(p):
+            row = ChunkLayout.build(_dt.max_local_numel(p), chunk_size, density).kept
+            in_place = "index" in state and state["index"].to_local().data_ptr() == mask.index.data_ptr() \
+                and state["index"].to_local().shape[-1] == row
+            if not in_place:
+                for key, value in zip(keys, mask[:3]):
+                    state[key] = _dt.state_dtensor(p, value, row)
+        else:
+            for key, value in zip(keys, mask[:3]):
+                state[key] = value
+        state["mask_density"] = torch.tensor(density, dtype=torch.float64)
+        state["mask_chunk_size"] = torch.tensor(chunk_size, dtype=torch.int64)
 
     # -- introspection ------------------------------------------------------------------------
 
     def state_bytes(self) -> int:
-        """Bytes held in optimizer state: every tensor of every parameter's state."""
+        """Bytes held in optimizer state: every tensor of every parameter's state (this rank's
+        shard of DTensor state)."""
         return sum(
-            v.numel() * v.element_size()
+            _dt.local(v).numel() * v.element_size()
             for state in self.state.values()
             for v in state.values()
             if isinstance(v, torch.Tensor)
@@ -286,7 +306,7 @@ class NanoAdam(Optimizer):
 
     def masks(self) -> dict[torch.Tensor, torch.Tensor]:
         """Boolean mask of the currently selected entries of each sparse parameter (for analysis;
-        allocates a full-size bool tensor per parameter)."""
+        allocates a full-size bool tensor per parameter; of the local shard for DTensors)."""
         from .selection import kept_mask
 
         out = {}
@@ -294,7 +314,7 @@ class NanoAdam(Optimizer):
             for p in group["params"]:
                 mask = self._mask(p) if group["sparse"] else None
                 if mask is not None:
-                    out[p] = kept_mask(mask.index, mask.layout).view(p.shape)
+                    out[p] = kept_mask(mask.index, mask.layout).view(_dt.local(p).shape)
         return out
 
     # -- checkpoints --------------------------------------------------------------------------
@@ -350,12 +370,18 @@ class NanoAdam(Optimizer):
         if missing:
             raise ValueError(f"state_dict {where}: sparse state lacks {', '.join(missing)}")
         chunk_size = int(state["mask_chunk_size"])
-        layout = ChunkLayout.build(p.numel(), chunk_size, float(state["mask_density"]))
-        for key in ("index", "exp_avg", "exp_avg_sq"):
-            if state[key].numel() != layout.kept:
-                raise ValueError(f"state_dict {where}: {key} holds {state[key].numel()} entries, a parameter of "
-                                 f"{p.numel()} entries at this density keeps {layout.kept} (state for other params?)")
-        index = state["index"]
-        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= min(chunk_size, p.numel())
+        density = float(state["mask_density"])
+        if _dt.is_dtensor(p):  # rows of (shards, K_max), see nanoadam._dtensor
+            expected = (ChunkLayout.build(_dt.max_local_numel(p), chunk_size, density).kept,)
+            shapes = {key: tuple(_dt.local(state[key]).shape[-1:]) for key in ("index", "exp_avg", "exp_avg_sq")}
+        else:
+            expected = (ChunkLayout.build(p.numel(), chunk_size, density).kept,)
+            shapes = {key: (state[key].numel(),) for key in ("index", "exp_avg", "exp_avg_sq")}
+        for key, shape in shapes.items():
+            if shape != expected:
+                raise ValueError(f"state_dict {where}: {key} holds {shape[0]} entries, a parameter of "
+                                 f"{p.numel()} entries at this density keeps {expected[0]} (state for other params?)")
+        index = _dt.local(state["index"])
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= min(chunk_size, _dt.local(p).numel())
                               or (chunk_size <= INT16_CHUNK_LIMIT) != (index.dtype == torch.int16)):
             raise ValueError(f"state_dict {where}: index values or dtype do not fit chunk_size={chunk_size}")
