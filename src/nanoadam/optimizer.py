@@ -6,6 +6,7 @@ The class validates hyperparameters, groups parameters and keeps state; the math
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -154,6 +155,8 @@ class NanoAdam(Optimizer):
                 raise TypeError(f"NanoAdam needs floating-point params, got one of dtype {p.dtype}")
         super().add_param_group(param_group)
         self.param_groups[-1]["step"] = self._optimizer_step()
+        if getattr(self, "_in_backward", None) is not None:
+            self._register_backward_hooks(self.param_groups[-1])
 
     def _optimizer_step(self) -> int:
         return max((g.get("step", 0) for g in self.param_groups), default=0)
@@ -162,6 +165,9 @@ class NanoAdam(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        if getattr(self, "_in_backward", None) is not None:
+            raise RuntimeError("this NanoAdam updates parameters during backward() (step_in_backward was "
+                               "called): do not call step(); call stop_step_in_backward() to go back")
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -291,6 +297,84 @@ class NanoAdam(Optimizer):
                 state[key] = value
         state["mask_density"] = torch.tensor(density, dtype=torch.float64)
         state["mask_chunk_size"] = torch.tensor(chunk_size, dtype=torch.int64)
+
+    # -- step in backward ---------------------------------------------------------------------
+
+    def step_in_backward(self, gradient_accumulation_steps: int = 1,
+                         max_grad_norm_per_tensor: float | None = None) -> None:
+        """Updates each parameter as soon as its gradient is ready and frees that gradient.
+
+        A post-accumulate-grad hook on every parameter applies NanoAdam to it during
+        ``loss.backward()`` and sets ``p.grad = None``, so the gradients of the whole model never
+        exist at once (LOMO's idea, with Adam moments and NanoAdam's small state). Afterwards,
+        ``backward()`` is the whole training step: do not call ``step()`` (it raises) or
+        ``zero_grad()`` (nothing to zero). The update of each parameter is the one ``step()``
+        would make, bit for bit.
+
+        Args:
+            gradient_accumulation_steps: update on every n-th backward pass; gradients of the
+                passes in between accumulate in ``p.grad`` as usual (and are held until then).
+            max_grad_norm_per_tensor: clip each parameter's gradient to this L2 norm before its
+                update. Global clipping (``clip_grad_norm_`` over all parameters) cannot work
+                here: no moment holds all gradients, and after ``backward()`` they are gone.
+
+        Step hooks (``register_step_pre_hook``) do not run in this mode. Hooks do not survive
+        pickling or ``state_dict``: call this again after building a new optimizer.
+        """
+        if isinstance(gradient_accumulation_steps, bool) or not isinstance(gradient_accumulation_steps, int) \
+                or gradient_accumulation_steps < 1:
+            raise ValueError(f"Invalid gradient_accumulation_steps: {gradient_accumulation_steps!r} "
+                             "(expected an int >= 1)")
+        if max_grad_norm_per_tensor is not None and not (_is_number(max_grad_norm_per_tensor)
+                                                         and max_grad_norm_per_tensor > 0):
+            raise ValueError(f"Invalid max_grad_norm_per_tensor: {max_grad_norm_per_tensor!r} (expected > 0)")
+        if getattr(self, "_in_backward", None) is not None:
+            raise RuntimeError("step_in_backward is already on")
+        self._in_backward = {"every": gradient_accumulation_steps, "clip": max_grad_norm_per_tensor,
+                             "passes": 0, "pending": False, "handles": []}
+        for group in self.param_groups:
+            self._register_backward_hooks(group)
+
+    def stop_step_in_backward(self) -> None:
+        """Removes the hooks of :meth:`step_in_backward`; ``step()`` works again."""
+        for handle in self._in_backward["handles"] if getattr(self, "_in_backward", None) else []:
+            handle.remove()
+        self._in_backward = None
+
+    def _register_backward_hooks(self, group: dict[str, Any]) -> None:
+        for p in group["params"]:
+            if p.requires_grad:
+                hook = functools.partial(self._backward_hook, group)
+                self._in_backward["handles"].append(p.register_post_accumulate_grad_hook(hook))
+
+    def _backward_hook(self, group: dict[str, Any], p: torch.Tensor) -> None:
+        mode = self._in_backward
+        if not mode["pending"]:  # first gradient of this backward pass
+            mode["pending"] = True
+            mode["passes"] += 1
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+        if mode["passes"] % mode["every"]:
+            return  # accumulating: the update comes with a later pass
+        with torch.no_grad():
+            if p.grad.is_sparse:
+                raise TypeError("NanoAdam does not support sparse gradients")
+            if mode["clip"] is not None:
+                norm = torch.linalg.vector_norm(p.grad.float())
+                p.grad.mul_(torch.clamp(mode["clip"] / (norm + 1e-6), max=1.0).to(p.grad.dtype))
+            t = self._optimizer_step() + 1
+            if group["sparse"]:
+                self._step_sparse(group, [p], t)
+            else:
+                self._step_dense(group, [p])
+        p.grad = None
+
+    def _end_of_backward(self) -> None:
+        mode = self._in_backward
+        mode["pending"] = False
+        if mode["passes"] % mode["every"] == 0:
+            t = self._optimizer_step() + 1
+            for group in self.param_groups:
+                group["step"] = t
 
     # -- introspection ------------------------------------------------------------------------
 
