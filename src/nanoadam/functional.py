@@ -66,7 +66,9 @@ def _kernel_ok(param: torch.Tensor, grad: torch.Tensor, state_dtype: torch.dtype
 
 
 def fused_applies(param: torch.Tensor, grad: torch.Tensor, group: dict) -> bool:
-    """Whether the CPU kernels can serve this parameter under this group's settings."""
+    """Whether a fused kernel (CPU, or Triton on CUDA) can serve this parameter under this group's settings."""
+    if param.device.type in _TRITON_DEVICES:
+        return _triton_kernels() is not None and _is_plain(param)
     return _cpu.available() and _kernel_ok(param, grad, group["state_dtype"]) and group["selection"] in _cpu.KEY_SOURCES
 
 
@@ -98,6 +100,11 @@ def sparse_adamw(
     not read for the update and stay bitwise unchanged.
     """
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    if fused is not False:  # CUDA tensors: the Triton kernel (section "CUDA dispatch" below)
+        n = len(params)
+        params, grads, masks, steps = _triton_sparse_adamw(params, grads, masks, steps, hyper)
+        if n and not params:  # all served
+            return
     fast, slow = _split(params, grads, masks, fused, lambda p, g, m: _kernel_ok(p, g, m.exp_avg.dtype))
     if fast:
         _fused_sparse_adamw(*zip(*[(params[i], grads[i], masks[i], steps[i]) for i in fast]), **hyper)
@@ -200,6 +207,16 @@ def refresh_masks(
             and (old is None or (old.layout.chunk_size == lay.chunk_size and old.exp_avg.dtype == state_dtype))
         )
 
+    if fused is not False:  # CUDA tensors: the Triton bottom-k (section "CUDA dispatch" below)
+        served = _triton_refresh(params, grads, old_masks, layouts, selection, state_dtype, seeds)
+        if served:
+            rest = [i for i in range(len(params)) if i not in served]
+            if rest:
+                pick = [[x[i] for i in rest] for x in (params, grads, old_masks, layouts, seeds)]
+                masks = refresh_masks(*pick[:4], selection=selection, state_dtype=state_dtype, seeds=pick[4],
+                                      fused=fused)
+                served.update(zip(rest, masks))
+            return [served[i] for i in range(len(params))]
     fast, slow = _split(params, grads, old_masks, fused, eligible, layouts)
     out: list[Mask | None] = [None] * len(params)
     if fast:
@@ -217,10 +234,15 @@ def _single_tensor_refresh(param, grad, old: Mask | None, layout, *, selection, 
         keys = random_keys(layout.numel, seed, param.device)
     else:
         keys = selection_keys(grad if selection == "large_gradients" else param, selection)
-    index = chunk_bottomk(keys, layout)
+    return carry_moments(chunk_bottomk(keys, layout), layout, old, state_dtype)
+
+
+def carry_moments(index: torch.Tensor, layout: ChunkLayout, old: Mask | None, state_dtype: torch.dtype) -> Mask:
+    """The mask ``index`` with moments: those of entries the old mask kept too, NEW_ENTRY marks
+    for the others (kept positions are globally ascending, so a sorted search matches them)."""
     at = global_positions(index, layout)
-    m = torch.zeros(layout.kept, device=param.device)
-    v = torch.full((layout.kept,), NEW_ENTRY, device=param.device)
+    m = torch.zeros(layout.kept, device=index.device)
+    v = torch.full((layout.kept,), NEW_ENTRY, device=index.device)
     if old is not None:
         old_at = global_positions(old.index, old.layout)
         j = torch.searchsorted(old_at, at).clamp_(max=old_at.numel() - 1)
@@ -253,6 +275,48 @@ def _fused_refresh(params, grads, old_masks, layouts, *, selection, state_dtype)
         masks.append(Mask(index, m, v, lay))
     _cpu.refresh(tasks)
     return masks
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA dispatch: the Triton kernels of nanoadam.triton_kernels serve CUDA tensors whenever
+# triton_kernels.triton_available() (Triton imports, CUDA is there) and fused is not False; the
+# CPU paths above are unchanged and fused=False still means the eager reference everywhere.
+# ------------------------------------------------------------------------------------------------
+
+_TRITON_DEVICES = ("cuda",)
+
+
+def _triton_kernels():
+    """The ``triton_kernels`` module when it can run here, else None (Triton imported on first use)."""
+    from . import triton_kernels
+
+    return triton_kernels if triton_kernels.triton_available() else None
+
+
+def _triton_sparse_adamw(params, grads, masks, steps, hyper):
+    """Runs the Triton update on the tensors it serves; returns the others' lists."""
+    if not any(p.device.type in _TRITON_DEVICES for p in params) or (tk := _triton_kernels()) is None:
+        return params, grads, masks, steps
+    ok = [p.device.type in _TRITON_DEVICES and _is_plain(p) and tk.update_applies(p, g, m)
+          for p, g, m in zip(params, grads, masks)]
+    if any(ok):
+        tk.sparse_adamw_triton(*([x[i] for i in range(len(ok)) if ok[i]] for x in (params, grads, masks, steps)),
+                               **hyper)
+    return tuple([x[i] for i in range(len(ok)) if not ok[i]] for x in (params, grads, masks, steps))
+
+
+def _triton_refresh(params, grads, old_masks, layouts, selection, state_dtype, seeds) -> dict[int, Mask]:
+    """New masks, by position in ``params``, for the tensors the Triton bottom-k serves."""
+    if not any(p.device.type in _TRITON_DEVICES for p in params) or (tk := _triton_kernels()) is None:
+        return {}
+    picked = [
+        i for i, (p, g, old) in enumerate(zip(params, grads, old_masks))
+        if p.device.type in _TRITON_DEVICES and _is_plain(p) and (selection != "large_gradients" or _is_plain(g))
+        and (old is None or old.index.device == p.device)
+    ]
+    masks = tk.refresh_triton(*([x[i] for i in picked] for x in (params, grads, old_masks, layouts)),
+                              selection=selection, state_dtype=state_dtype, seeds=[seeds[i] for i in picked])
+    return dict(zip(picked, masks))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from . import _cpu
 from . import _dtensor as _dt
 from .functional import Mask, dense_adamw, fused_applies, refresh_masks, sparse_adamw
 from .selection import INT16_CHUNK_LIMIT, SELECTIONS, ChunkLayout
@@ -188,9 +187,6 @@ class NanoAdam(Optimizer):
         work = []
         for gi, group in enumerate(self.param_groups):
             _check_hyperparameters(group)
-            if group["fused"] and group["sparse"] and not _cpu.available():
-                raise RuntimeError("fused=True needs NanoAdam's compiled CPU kernels, which are not installed "
-                                   "(reinstall with a C++ compiler, or use fused=None)")
             params = []
             for pi, p in enumerate(group["params"]):
                 if p.grad is None:
@@ -201,9 +197,9 @@ class NanoAdam(Optimizer):
                     raise ValueError(f"grad of param {pi} in group {gi} has shape {tuple(p.grad.shape)}, "
                                      f"expected {tuple(p.shape)}")
                 if group["fused"] and group["sparse"] and not fused_applies(p, p.grad, group):
-                    raise ValueError(f"fused=True, but param {pi} of group {gi} cannot use the CPU kernels "
-                                     "(they need contiguous float32 CPU tensors, bf16 or float32 moments and a "
-                                     "selection other than 'random'); use fused=None")
+                    raise ValueError(f"fused=True, but param {pi} of group {gi} cannot use a fused kernel (on CPU "
+                                     "they need the compiled kernels, contiguous float32 tensors, bf16 or float32 "
+                                     "moments and a selection other than 'random'; on CUDA, Triton); use fused=None")
                 params.append(p)
             if params:
                 work.append((group, params))

@@ -1,0 +1,249 @@
+"""The Triton kernels against the eager reference, on the CPU under the Triton interpreter.
+
+``TRITON_INTERPRET=1`` must be set before ``nanoadam.triton_kernels`` defines its kernels, so it is
+set here before anything imports Triton; the module is skipped where Triton is not installed.
+Tensors stay small: the interpreter runs every program in numpy.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import importlib  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from nanoadam import NanoAdam, functional  # noqa: E402
+from nanoadam import triton_kernels as tk  # noqa: E402
+from nanoadam.functional import NEW_ENTRY, Mask, refresh_masks, sparse_adamw  # noqa: E402
+from nanoadam.selection import (  # noqa: E402
+    ChunkLayout,
+    chunk_bottomk,
+    kept_mask,
+    random_keys,
+    selection_keys,
+)
+
+if "Interpreted" not in type(tk._sparse_adamw_kernel).__name__:  # imported before the variable was set
+    tk = importlib.reload(tk)
+
+HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_state(numel, chunk_size, density, gen, param_dtype, state_dtype, new_fraction=0.3):
+    layout = ChunkLayout.build(numel, chunk_size, density)
+    param = torch.randn(numel, generator=gen).to(param_dtype)
+    grad = torch.randn(numel, generator=gen).to(param_dtype)
+    index = chunk_bottomk(selection_keys(param, "small_weights"), layout)
+    m = (torch.randn(layout.kept, generator=gen) * 1e-2).to(state_dtype)
+    v = (torch.rand(layout.kept, generator=gen) * 1e-4).to(state_dtype)
+    v[torch.rand(layout.kept, generator=gen) < new_fraction] = NEW_ENTRY
+    return param, grad, Mask(index, m, v, layout)
+
+
+def clone_mask(mask):
+    return Mask(mask.index.clone(), mask.exp_avg.clone(), mask.exp_avg_sq.clone(), mask.layout)
+
+
+def tied_values(numel, gen):
+    """Few distinct magnitudes of both signs, so ties are everywhere."""
+    return (torch.randint(-4, 5, (numel,), generator=gen) * 0.5).float()
+
+
+# ------------------------------------------------------------------------------------------------
+# Update
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
+def test_update_matches_reference(param_dtype, state_dtype, monkeypatch):
+    monkeypatch.setattr(tk, "_UPDATE_BLOCK", 64)  # many blocks per tensor: the block -> tensor search
+    gen = torch.Generator().manual_seed(0)
+    # Full chunks and a partial last one, two chunk sizes, one tensor at another step (2nd launch).
+    shapes = [(3000 + 37, 256, 0.1), (1000 + 5, 64, 0.25), (64 * 3, 64, 0.5), (700, 256, 0.1)]
+    steps = [7.0, 7.0, 7.0, 1.0]
+    states = [make_state(*s, gen, param_dtype, state_dtype) for s in shapes]
+    ref_p = [p.clone() for p, _, _ in states]
+    ref_m = [clone_mask(m) for _, _, m in states]
+    got_p = [p.clone() for p, _, _ in states]
+    got_m = [clone_mask(m) for _, _, m in states]
+    grads = [g for _, g, _ in states]
+    for p, g, m, s in zip(ref_p, grads, ref_m, steps):
+        functional._single_tensor_sparse_adamw(p, g, m, s, **HYPER)
+    tk.sparse_adamw_triton(got_p, grads, got_m, steps, **HYPER)
+
+    p_tol = dict(rtol=8e-3, atol=1e-6) if param_dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-9)
+    s_tol = dict(rtol=8e-3, atol=1e-12) if state_dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-12)
+    for (before, _, mask), rp, gp, rm, gm in zip(states, ref_p, got_p, ref_m, got_m):
+        selected = kept_mask(mask.index, mask.layout)
+        assert torch.equal(gp[~selected], before[~selected])  # bitwise unchanged, no weight decay either
+        assert (gp[selected] != before[selected]).any()
+        torch.testing.assert_close(gp, rp, **p_tol)
+        torch.testing.assert_close(gm.exp_avg.float(), rm.exp_avg.float(), **s_tol)
+        torch.testing.assert_close(gm.exp_avg_sq.float(), rm.exp_avg_sq.float(), **s_tol)
+        assert gm.exp_avg.dtype == state_dtype and gp.dtype == param_dtype
+        assert (gm.exp_avg_sq.float() >= 0).all()  # every NEW_ENTRY got its first moments
+        assert torch.equal(gm.index, mask.index)
+
+
+def test_update_float32_is_bitwise_the_reference():
+    gen = torch.Generator().manual_seed(1)
+    param, grad, mask = make_state(2048 + 100, 256, 0.1, gen, torch.float32, torch.float32)
+    ref_p, got_p, ref_m, got_m = param.clone(), param.clone(), clone_mask(mask), clone_mask(mask)
+    functional._single_tensor_sparse_adamw(ref_p, grad, ref_m, 5.0, **HYPER)
+    tk.sparse_adamw_triton([got_p], [grad], [got_m], [5.0], **HYPER)
+    # The kernel uses the reference's fused multiply-adds and IEEE sqrt/division; torch's
+    # vectorized CPU sqrt may still differ by an ulp, which this small case does not hit.
+    assert torch.equal(got_p, ref_p)
+    assert torch.equal(got_m.exp_avg, ref_m.exp_avg) and torch.equal(got_m.exp_avg_sq, ref_m.exp_avg_sq)
+
+
+def test_update_rejects_what_it_cannot_serve():
+    gen = torch.Generator().manual_seed(2)
+    param, grad, mask = make_state(512, 64, 0.1, gen, torch.float64, torch.float32)
+    with pytest.raises(ValueError, match="float32/bfloat16"):
+        tk.sparse_adamw_triton([param], [grad], [mask], [1.0], **HYPER)
+
+
+# ------------------------------------------------------------------------------------------------
+# Bottom-k
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("numel,chunk_size,density", [
+    (3000, 256, 0.1), (1000 + 7, 64, 0.3), (64 * 5, 64, 1.0), (999, 100, 0.01), (2 * 4096 + 50, 4096, 0.1),
+])
+@pytest.mark.parametrize("selection", ["small_weights", "large_weights", "large_gradients"])
+@pytest.mark.parametrize("kind", ["random", "tied"])
+def test_bottomk_is_exactly_the_reference(numel, chunk_size, density, selection, kind):
+    gen = torch.Generator().manual_seed(numel)
+    values = torch.randn(numel, generator=gen) if kind == "random" else tied_values(numel, gen)
+    layout = ChunkLayout.build(numel, chunk_size, density)
+    expected = chunk_bottomk(selection_keys(values, selection), layout)
+    got = tk.chunk_bottomk_triton(values, layout, selection)
+    assert got.dtype == expected.dtype == torch.int16
+    assert torch.equal(got, expected)
+
+
+def test_bottomk_of_keys_bf16_and_special_values():
+    gen = torch.Generator().manual_seed(3)
+    layout = ChunkLayout.build(1000, 128, 0.2)
+    keys = random_keys(1000, 11, torch.device("cpu"))
+    assert torch.equal(tk.chunk_bottomk_triton(keys, layout), chunk_bottomk(keys, layout))
+    values = torch.randn(1000, generator=gen).bfloat16()
+    for sel in ("small_weights", "large_weights"):
+        assert torch.equal(tk.chunk_bottomk_triton(values, layout, sel), chunk_bottomk(selection_keys(values, sel),
+                                                                                        layout))
+    special = torch.randn(1000, generator=gen)
+    special[::7] = 0.0
+    special[1::7] = -0.0
+    special[2::11] = float("inf")
+    special[3::13] = float("nan")
+    for sel in ("small_weights", "large_weights"):
+        assert torch.equal(tk.chunk_bottomk_triton(special, layout, sel),
+                           chunk_bottomk(selection_keys(special, sel), layout))
+
+
+def test_bottomk_long_chunks_fall_back_to_the_reference():
+    gen = torch.Generator().manual_seed(4)
+    values = torch.randn(10_000, generator=gen)
+    layout = ChunkLayout.build(10_000, tk.MAX_TRITON_CHUNK + 1, 0.05)
+    got = tk.chunk_bottomk_triton(values, layout, "small_weights")
+    assert torch.equal(got, chunk_bottomk(selection_keys(values, "small_weights"), layout))
+    with pytest.raises(ValueError, match="random"):
+        tk.chunk_bottomk_triton(values, layout, "random")
+
+
+# ------------------------------------------------------------------------------------------------
+# Refresh and the dispatch in functional.py
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("selection", ["small_weights", "large_gradients", "random"])
+@pytest.mark.parametrize("new_density", [0.1, 0.2])
+def test_refresh_matches_reference(selection, new_density):
+    gen = torch.Generator().manual_seed(5)
+    param, grad, old = make_state(2000 + 33, 256, 0.1, gen, torch.float32, torch.bfloat16)
+    at = kept_mask(old.index, old.layout)
+    param[at] += torch.randn(int(at.sum()), generator=gen) * 0.5  # kept entries moved since the last refresh
+    layout = ChunkLayout.build(param.numel(), 256, new_density)
+    kw = dict(selection=selection, state_dtype=torch.bfloat16)
+    ref = functional._single_tensor_refresh(param, grad, clone_mask(old), layout, seed=9, **kw)
+    got = tk.refresh_triton([param], [grad], [clone_mask(old)], [layout], seeds=[9], **kw)[0]
+    assert torch.equal(got.index, ref.index)
+    assert torch.equal(got.exp_avg, ref.exp_avg) and torch.equal(got.exp_avg_sq, ref.exp_avg_sq)
+    assert (got.exp_avg_sq == NEW_ENTRY).any() and (got.exp_avg_sq >= 0).any()
+
+
+@pytest.fixture
+def triton_on_cpu(monkeypatch):
+    """Makes functional.py dispatch CPU tensors to the Triton kernels (run by the interpreter) and
+    counts the calls."""
+    calls = {"update": 0, "refresh": 0}
+    update, refresh = tk.sparse_adamw_triton, tk.refresh_triton
+
+    def counted_update(*a, **k):
+        calls["update"] += 1
+        return update(*a, **k)
+
+    def counted_refresh(*a, **k):
+        calls["refresh"] += 1
+        return refresh(*a, **k)
+
+    monkeypatch.setattr(functional, "_TRITON_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(tk, "triton_available", lambda: True)
+    monkeypatch.setattr(tk, "sparse_adamw_triton", counted_update)
+    monkeypatch.setattr(tk, "refresh_triton", counted_refresh)
+    return calls
+
+
+def test_dispatch_serves_eligible_tensors_and_leaves_the_rest(triton_on_cpu):
+    gen = torch.Generator().manual_seed(6)
+    p32, g32, m32 = make_state(1500, 256, 0.1, gen, torch.float32, torch.bfloat16)
+    p64, g64, m64 = make_state(1500, 256, 0.1, gen, torch.float64, torch.bfloat16)  # reference path
+    params, masks = [p32.clone(), p64.clone()], [clone_mask(m32), clone_mask(m64)]
+    ref_params, ref_masks = [p32.clone(), p64.clone()], [clone_mask(m32), clone_mask(m64)]
+    sparse_adamw(params, [g32, g64], masks, [3.0, 3.0], **HYPER)
+    assert triton_on_cpu["update"] == 1
+    sparse_adamw(ref_params, [g32, g64], ref_masks, [3.0, 3.0], fused=False, **HYPER)
+    assert triton_on_cpu["update"] == 1  # fused=False: the reference only
+    for a, b in zip(params, ref_params):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+
+    layouts = [ChunkLayout.build(1500, 256, 0.2)] * 2
+    kw = dict(selection="small_weights", state_dtype=torch.bfloat16, seeds=[0, 1])
+    got = refresh_masks(params, [g32, g64], masks, layouts, **kw)
+    assert triton_on_cpu["refresh"] == 1
+    ref = refresh_masks(params, [g32, g64], masks, layouts, fused=False, **kw)
+    for a, b in zip(got, ref):
+        assert torch.equal(a.index, b.index) and torch.equal(a.exp_avg_sq, b.exp_avg_sq)
+
+
+def test_optimizer_through_the_triton_path_matches_the_reference(triton_on_cpu):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.ReLU(), torch.nn.Linear(30, 5))
+    twin = torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.ReLU(), torch.nn.Linear(30, 5))
+    twin.load_state_dict(model.state_dict())
+    kw = dict(lr=1e-2, density=0.2, mask_interval=2, chunk_size=64, weight_decay=0.1)
+    opt, ref_opt = NanoAdam(model.parameters(), **kw), NanoAdam(twin.parameters(), fused=False, **kw)
+    x, y = torch.randn(16, 40), torch.randn(16, 5)
+    for _ in range(4):
+        for net, o in ((model, opt), (twin, ref_opt)):
+            o.zero_grad()
+            torch.nn.functional.mse_loss(net(x), y).backward()
+            o.step()
+    assert triton_on_cpu["update"] >= 4 and triton_on_cpu["refresh"] >= 2
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
