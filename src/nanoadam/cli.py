@@ -80,6 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument("--mask-interval", type=_positive_int, default=10)
     toy.add_argument("--out", type=Path, default=Path("results/toy"))
 
+    corr = analyses.add_parser("correlation", help="gradient-weight correlation rho, pretrained vs scratch")
+    corr.add_argument("--seed", type=int, default=0)
+    corr.add_argument("--steps", type=_positive_int, default=30, help="AdamW steps before the 'later' measurement")
+    corr.add_argument("--model", default="minilm")
+    corr.add_argument("--data-dir", help="folder with sst2/train.jsonl (default: the hub)")
+    corr.add_argument("--top-fraction", type=_density, default=1e-4)
+    corr.add_argument("--bottom-fraction", type=_density, default=0.8)
+    corr.add_argument("--threads", type=_positive_int, default=1)
+    corr.add_argument("--out", type=Path, default=Path("results/correlation"))
+
     bench = commands.add_parser(
         "bench", help="speed and memory benchmarks",
         description="Without a subcommand: every registry optimizer side by side on one model (step time, "
@@ -265,6 +275,21 @@ def _reproduce_toy(args) -> int:
     return 0
 
 
+def _reproduce_correlation(args) -> int:
+    from .analysis.correlation import CorrelationConfig, run, write_outputs
+
+    config = CorrelationConfig(seed=args.seed, steps=args.steps, model=args.model, data_dir=args.data_dir,
+                               top_fraction=args.top_fraction, bottom_fraction=args.bottom_fraction,
+                               threads=args.threads, out_dir=str(args.out))
+    if args.data_dir is not None:
+        _check_glue_inputs(argparse.Namespace(data_dir=args.data_dir, model=args.model), ["sst2"])
+    result = run(config, progress=print)
+    result["command"] = _command_line()
+    for path in write_outputs(result, config.out_dir):
+        print(path)
+    return 0
+
+
 def _command_line() -> str:
     return "nanoadam " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("nanoadam") else " ".join(sys.argv)
 
@@ -351,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "compare":
             return _compare(args)
         if args.command == "reproduce":
-            handlers = {"toy": _reproduce_toy}
+            handlers = {"toy": _reproduce_toy, "correlation": _reproduce_correlation}
             if args.analysis not in handlers:
                 raise UsageError(f"nanoadam reproduce: choose one of {', '.join(handlers)}")
             return handlers[args.analysis](args)

@@ -93,13 +93,24 @@ def sparse_adamw(
     eps: float,
     weight_decay: float,
     fused: bool | None = None,
+    rounding_seeds: list[int] | None = None,
 ) -> None:
     """AdamW with decoupled weight decay on the kept entries of each tensor, in place.
 
     ``steps[i]`` is tensor ``i``'s step count including this step. Entries outside the mask are
-    not read for the update and stay bitwise unchanged.
+    not read for the update and stay bitwise unchanged. Math is float32 whatever the parameter
+    dtype. With ``rounding_seeds`` (one per tensor), updated bfloat16 weights are written with
+    stochastic rounding (reference path), so that updates smaller than half a bf16 step are not
+    lost on average.
     """
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    if rounding_seeds is not None:
+        stochastic = [i for i, p in enumerate(params) if p.dtype == torch.bfloat16]
+        for i in stochastic:
+            _single_tensor_sparse_adamw(params[i], grads[i], masks[i], steps[i], rounding_seed=rounding_seeds[i],
+                                        **hyper)
+        rest = [i for i in range(len(params)) if i not in set(stochastic)]
+        params, grads, masks, steps = ([x[i] for i in rest] for x in (params, grads, masks, steps))
     if fused is not False:  # CUDA tensors: the Triton kernel (section "CUDA dispatch" below)
         n = len(params)
         params, grads, masks, steps = _triton_sparse_adamw(params, grads, masks, steps, hyper)
@@ -129,7 +140,17 @@ def _flat(param: torch.Tensor) -> torch.Tensor:
     return param.view(-1) if param.is_contiguous() else param.reshape(-1)
 
 
-def _single_tensor_sparse_adamw(param, grad, mask: Mask, step, *, lr, beta1, beta2, eps, weight_decay):
+def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """float32 -> bfloat16, rounding up with probability equal to the fraction cut off: adds a
+    uniform random integer below 2^16 to the bits and truncates. Unbiased; inf and NaN pass through."""
+    bits = x.float().contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, x.shape, generator=generator, dtype=torch.int32, device="cpu").to(x.device)
+    rounded = ((bits + noise) & ~0xFFFF).view(torch.float32)
+    return torch.where(torch.isfinite(x), rounded, x).to(torch.bfloat16)
+
+
+def _single_tensor_sparse_adamw(param, grad, mask: Mask, step, *, lr, beta1, beta2, eps, weight_decay,
+                                rounding_seed: int | None = None):
     flat = _flat(param)
     at = global_positions(mask.index, mask.layout)
     w = flat[at].float()
@@ -148,6 +169,8 @@ def _single_tensor_sparse_adamw(param, grad, mask: Mask, step, *, lr, beta1, bet
     bias_correction1, bias_correction2_sqrt = _bias_corrections(step, beta1, beta2)
     denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
     w.addcdiv_(m, denom, value=-lr / bias_correction1)
+    if rounding_seed is not None and flat.dtype == torch.bfloat16:
+        w = stochastic_round_bf16(w, torch.Generator().manual_seed(rounding_seed))
     flat.index_copy_(0, at, w.to(flat.dtype))
     if flat.data_ptr() != param.data_ptr() or not param.is_contiguous():
         param.copy_(flat.view_as(param))
@@ -325,11 +348,22 @@ def _triton_refresh(params, grads, old_masks, layouts, selection, state_dtype, s
 
 
 def dense_adamw(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps,
-                weight_decay, fused: bool | None = None) -> None:
-    """Plain AdamW (torch's own kernels) for dense groups; increments ``state_steps``."""
-    use_fused = fused is not False and all(p.device.type in ("cpu", "cuda") and _is_plain(p) for p in params)
-    _torch_adamw(
-        params, grads, exp_avgs, exp_avg_sqs, [], state_steps, foreach=False if not use_fused else None,
-        fused=use_fused or None, amsgrad=False, beta1=beta1, beta2=beta2, lr=lr,
-        weight_decay=weight_decay, eps=eps, maximize=False,
-    )
+                weight_decay, fused: bool | None = None, rounding_seeds: list[int] | None = None) -> None:
+    """Plain AdamW (torch's own kernels) for dense groups; increments ``state_steps``. Moments are
+    float32; a parameter of lower precision is updated through a float32 copy and written back
+    (rounded to nearest, or stochastically with ``rounding_seeds``)."""
+    full = [i for i, p in enumerate(params) if p.dtype == torch.float32]
+    low = [i for i, p in enumerate(params) if p.dtype != torch.float32]
+    hyper = dict(amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps, maximize=False)
+    if full:
+        picked = [[x[i] for i in full] for x in (params, grads, exp_avgs, exp_avg_sqs, state_steps)]
+        use_fused = fused is not False and all(p.device.type in ("cpu", "cuda") and _is_plain(p) for p in picked[0])
+        _torch_adamw(*picked[:4], [], picked[4], foreach=False if not use_fused else None, fused=use_fused or None,
+                     **hyper)
+    for i in low:
+        master = params[i].detach().float()
+        _torch_adamw([master], [grads[i].float()], [exp_avgs[i]], [exp_avg_sqs[i]], [], [state_steps[i]],
+                     foreach=False, **hyper)
+        if rounding_seeds is not None and params[i].dtype == torch.bfloat16:
+            master = stochastic_round_bf16(master, torch.Generator().manual_seed(rounding_seeds[i]))
+        params[i].copy_(master)

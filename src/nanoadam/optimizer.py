@@ -69,6 +69,8 @@ def _check_hyperparameters(h: dict[str, Any]) -> None:
         raise ValueError(f"Invalid state_dtype: {h['state_dtype']!r} (expected torch.bfloat16 or torch.float32)")
     if "sparse" in h and not isinstance(h["sparse"], bool):
         raise TypeError(f"Invalid sparse: {h['sparse']!r} (expected True or False)")
+    if "stochastic_rounding" in h and not isinstance(h["stochastic_rounding"], bool):
+        raise TypeError(f"Invalid stochastic_rounding: {h['stochastic_rounding']!r} (expected True or False)")
     if "fused" in h and h["fused"] not in (None, True, False):
         raise TypeError(f"Invalid fused: {h['fused']!r} (expected None, True or False)")
 
@@ -98,6 +100,8 @@ class NanoAdam(Optimizer):
             ``"large_gradients"`` (largest ``|grad|`` at the refresh step).
         state_dtype: dtype of the moments of sparse groups, ``torch.bfloat16`` or ``torch.float32``.
         sparse: ``False`` trains the group with plain AdamW.
+        stochastic_rounding: write updated bfloat16 weights with stochastic rounding (sparse
+            groups), so that updates below half a bf16 step still move weights on average.
         fused: ``None`` uses the compiled CPU kernels where they apply, ``False`` the eager
             PyTorch reference everywhere, ``True`` requires the kernels.
 
@@ -122,13 +126,14 @@ class NanoAdam(Optimizer):
         state_dtype: torch.dtype = torch.bfloat16,
         *,
         sparse: bool = True,
+        stochastic_rounding: bool = False,
         fused: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
             weight_decay=weight_decay, density=density, mask_interval=mask_interval,
             chunk_size=chunk_size, selection=selection, state_dtype=state_dtype, sparse=sparse,
-            fused=fused,
+            stochastic_rounding=stochastic_rounding, fused=fused,
         )
         _check_hyperparameters(defaults)
         super().__init__(params, defaults)
@@ -212,7 +217,16 @@ class NanoAdam(Optimizer):
             params, [p.grad for p in params], [s["exp_avg"] for s in states],
             [s["exp_avg_sq"] for s in states], [s["step"] for s in states], lr=group["lr"], beta1=beta1,
             beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], fused=group["fused"],
+            rounding_seeds=self._rounding_seeds(group, params),
         )
+
+    def _rounding_seeds(self, group: dict[str, Any], params: list[torch.Tensor]) -> list[int] | None:
+        """Per-parameter seeds of stochastic rounding at this step (reproducible, resumable)."""
+        if not group["stochastic_rounding"]:
+            return None
+        ordinal = {id(q): i for i, q in enumerate(p for g in self.param_groups for p in g["params"])}
+        t = self._optimizer_step()
+        return [(t * 1_000_003 + ordinal[id(p)]) ^ 0x5EED for p in params]
 
     def _dense_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
         state = self.state[p]
@@ -223,8 +237,8 @@ class NanoAdam(Optimizer):
             # torch's fused CUDA AdamW wants the step on the device; everywhere else it stays on the host.
             host = p.device if p.device.type == "cuda" else torch.device("cpu")
             state["step"] = torch.tensor(0.0, dtype=torch.float32, device=host)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
         return state
 
     def _step_sparse(self, group: dict[str, Any], params: list[torch.Tensor], t: int) -> None:
@@ -265,7 +279,7 @@ class NanoAdam(Optimizer):
         sparse_adamw(
             shards, grads, [self._mask(p) for p in params], steps, lr=group["lr"],
             beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-            fused=group["fused"],
+            fused=group["fused"], rounding_seeds=self._rounding_seeds(group, params),
         )
 
     def _mask(self, p: torch.Tensor) -> Mask | None:
