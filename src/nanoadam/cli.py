@@ -90,6 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
     corr.add_argument("--threads", type=_positive_int, default=1)
     corr.add_argument("--out", type=Path, default=Path("results/correlation"))
 
+    abl = analyses.add_parser("ablation", help="small vs random vs large weights, large gradients, static mask, "
+                                               "mask interval (SST-2, MiniLM)")
+    abl.add_argument("--task", type=_task, default="sst2")
+    abl.add_argument("--seeds", type=_positive_int, default=2)
+    abl.add_argument("--model", default="minilm")
+    abl.add_argument("--data-dir", help="folder with <task>/train.jsonl and validation.jsonl (default: the hub)")
+    abl.add_argument("--density", type=_density, default=0.1)
+    abl.add_argument("--budget", choices=["quick", "paper"], default="quick",
+                     help="quick: 2000 examples, 1 epoch; paper: the whole training set, 5 epochs, batch 8")
+    abl.add_argument("--threads", type=_positive_int, default=2)
+    abl.add_argument("--out", type=Path, default=Path("results/ablation"))
+
     bench = commands.add_parser(
         "bench", help="speed and memory benchmarks",
         description="Without a subcommand: every registry optimizer side by side on one model (step time, "
@@ -290,6 +302,29 @@ def _reproduce_correlation(args) -> int:
     return 0
 
 
+def _reproduce_ablation(args) -> int:
+    tqdm = _require("tqdm.auto", "cli").tqdm
+    from .experiments.ablation import AblationConfig, markdown, plot, run
+
+    _check_glue_inputs(args, [args.task])
+    config = AblationConfig(task=args.task, model=args.model, data_dir=args.data_dir, out=str(args.out),
+                            seeds=args.seeds, threads=args.threads, density=args.density)
+    if args.budget == "paper":
+        config.run_settings = dict(train_limit=None, epochs=5.0, max_length=128, batch_size=8, eval_points=10)
+        config.mask_interval = 52  # the paper's SST-2 setting (Table 13)
+    with tqdm(desc="ablation", unit="run") as bar:
+        def progress(done, total, path):
+            bar.total = total
+            bar.set_postfix_str(path.name)
+            bar.update(1)
+        result = run(config, progress=progress)
+    plot(result, args.out)
+    text = markdown(result, _command_line(), _machine())
+    (args.out / "ablation.md").write_text(text + "\n")
+    print(text)
+    return 1 if result["failures"] else 0
+
+
 def _command_line() -> str:
     return "nanoadam " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("nanoadam") else " ".join(sys.argv)
 
@@ -376,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "compare":
             return _compare(args)
         if args.command == "reproduce":
-            handlers = {"toy": _reproduce_toy, "correlation": _reproduce_correlation}
+            handlers = {"toy": _reproduce_toy, "correlation": _reproduce_correlation,
+                        "ablation": _reproduce_ablation}
             if args.analysis not in handlers:
                 raise UsageError(f"nanoadam reproduce: choose one of {', '.join(handlers)}")
             return handlers[args.analysis](args)

@@ -142,43 +142,49 @@ def best_lr(tuning: dict[float, dict]) -> float:
     return min(tuning.items(), key=key)[0]
 
 
+class RunLedger:
+    """Runs each planned GlueRunConfig once: a run whose file exists is read back instead, a new
+    one is executed and written atomically; failures are collected, progress reported."""
+
+    def __init__(self, planned: int, execute=None, progress=None):
+        self.planned, self.execute, self.progress = planned, execute or RunExecutor(), progress
+        self.done = 0
+        self.failures: list[dict] = []
+
+    def ensure(self, config: GlueRunConfig, path: Path) -> dict | None:
+        result = _load(path)
+        if result is None:
+            error = self.execute(config, path)
+            if error:
+                self.failures.append({"run": str(path), "error": error})
+            result = _load(path)
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, self.planned, path)
+        return result
+
+
 def run_compare(config: CompareConfig, execute=None, progress=None) -> dict:
     """Runs (or resumes) the whole grid; returns the summary (also written to out/summary.json)."""
     out = Path(config.out)
-    execute = execute or RunExecutor()
     planned = len(config.tasks) * sum(len(config.lr_grids[o]) + config.seeds for o in config.optimizers)
-    done = 0
-    failures = []
-
-    def ensure(run_cfg: GlueRunConfig, path: Path) -> dict | None:
-        nonlocal done
-        result = _load(path)
-        if result is None:
-            error = execute(run_cfg, path)
-            if error:
-                failures.append({"run": str(path), "error": error})
-            result = _load(path)
-        done += 1
-        if progress is not None:
-            progress(done, planned, path)
-        return result
-
+    ledger = RunLedger(planned, execute, progress)
     for task in config.tasks:
         for optimizer in config.optimizers:
             tuning = {}
             for lr in config.lr_grids[optimizer]:
-                path = run_path(out, task, optimizer, "tune", lr, 0)
-                result = ensure(config.run_config(task, optimizer, lr, 0, "tune"), path)
+                result = ledger.ensure(config.run_config(task, optimizer, lr, 0, "tune"),
+                                       run_path(out, task, optimizer, "tune", lr, 0))
                 if result is not None:
                     tuning[lr] = result
             if not tuning:
                 continue
             lr = best_lr(tuning)
             for seed in range(config.seeds):
-                ensure(config.run_config(task, optimizer, lr, seed, "final"), run_path(out, task, optimizer, "final",
-                                                                                     lr, seed))
+                ledger.ensure(config.run_config(task, optimizer, lr, seed, "final"),
+                              run_path(out, task, optimizer, "final", lr, seed))
     summary = summarize(config)
-    summary["failures"] = failures
+    summary["failures"] = ledger.failures
     _write_atomic(out / "summary.json", summary)
     return summary
 
