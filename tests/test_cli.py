@@ -35,3 +35,12 @@ def test_bench_step_tiny_writes_json(tmp_path, capsys):
     assert nano["state_bytes_per_param"] < 1.0
     assert result["results"]["adamw_fused"]["state_bytes_per_param"] == pytest.approx(8.0, rel=1e-3)
     assert nano["amortized_step_ms"] > 0 and result["machine"]["torch"]
+
+
+@pytest.mark.parametrize("argv", [["reproduce", "forgetting", "--domains", "audio"],
+                                  ["reproduce", "forgetting", "--tie-breaks", "larger"], ["reproduce"],
+                                  ["reproduce", "toy", "--fraction", "1.5"]])
+def test_reproduce_bad_input(argv, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err

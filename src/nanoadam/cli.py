@@ -102,6 +102,20 @@ def build_parser() -> argparse.ArgumentParser:
     abl.add_argument("--threads", type=_positive_int, default=2)
     abl.add_argument("--out", type=Path, default=Path("results/ablation"))
 
+    forget = analyses.add_parser("forgetting", help="continual finetuning: task 1, task 2, task 1 again")
+    forget.add_argument("--domains", default="vision", help="vision, language or vision,language")
+    forget.add_argument("--seeds", type=_positive_int, default=None, help="seeds per domain (default 3 / 1)")
+    forget.add_argument("--data-dir", help="GLUE folder for the language domain (default: the hub)")
+    forget.add_argument("--tie-breaks", default="smaller,loss",
+                        help="held-out tie rules for learning rates: smaller, loss, or both (the second a variant)")
+    forget.add_argument("--merge", action="store_true", help="keep domains of an existing result this run skips")
+    forget.add_argument("--out", type=Path, default=Path("results/forgetting"))
+
+    demo = commands.add_parser("demo", help="the main job: does NanoAdam forget less than AdamW? (digits CNN, "
+                                            "offline, about a minute)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out", type=Path, default=Path("results/demo"))
+
     bench = commands.add_parser(
         "bench", help="speed and memory benchmarks",
         description="Without a subcommand: every registry optimizer side by side on one model (step time, "
@@ -325,6 +339,35 @@ def _reproduce_ablation(args) -> int:
     return 1 if result["failures"] else 0
 
 
+def _reproduce_forgetting(args) -> int:
+    from .experiments.forgetting import ForgettingConfig, LanguageConfig, VisionConfig, main
+
+    domains = {d.strip() for d in args.domains.split(",") if d.strip()}
+    if not domains or domains - {"vision", "language"}:
+        raise UsageError(f"nanoadam reproduce forgetting: --domains takes vision and/or language, got {args.domains!r}")
+    ties = tuple(t.strip() for t in args.tie_breaks.split(",") if t.strip())
+    if not ties or set(ties) - {"smaller", "loss"}:
+        raise UsageError("nanoadam reproduce forgetting: --tie-breaks takes smaller and/or loss, "
+                         f"got {args.tie_breaks!r}")
+    seeds = {"n_seeds": args.seeds} if args.seeds else {}
+    vision = VisionConfig(tie_breaks=ties, **seeds) if "vision" in domains else None
+    language = None
+    if "language" in domains:
+        _check_glue_inputs(argparse.Namespace(data_dir=args.data_dir, model="minilm"), ["sst2", "cola"])
+        language = LanguageConfig(data_dir=args.data_dir, **seeds)
+    main(ForgettingConfig(vision=vision, language=language, command=_command_line()), out_dir=str(args.out),
+         merge=args.merge)
+    print(f"wrote {args.out}/forgetting.md")
+    return 0
+
+
+def _demo(args) -> int:
+    from .experiments.demo import run_demo
+
+    run_demo(str(args.out), seed=args.seed, command=_command_line())
+    return 0
+
+
 def _command_line() -> str:
     return "nanoadam " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("nanoadam") else " ".join(sys.argv)
 
@@ -406,13 +449,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 0
+        if args.command == "demo":
+            return _demo(args)
         if args.command == "finetune":
             return _finetune(args)
         if args.command == "compare":
             return _compare(args)
         if args.command == "reproduce":
             handlers = {"toy": _reproduce_toy, "correlation": _reproduce_correlation,
-                        "ablation": _reproduce_ablation}
+                        "ablation": _reproduce_ablation, "forgetting": _reproduce_forgetting}
             if args.analysis not in handlers:
                 raise UsageError(f"nanoadam reproduce: choose one of {', '.join(handlers)}")
             return handlers[args.analysis](args)
