@@ -6,9 +6,10 @@ Bad input ends with one line on stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
+
+from ._io import atomic_write_json, atomic_write_text
 
 
 class UsageError(Exception):
@@ -334,7 +335,7 @@ def _reproduce_ablation(args) -> int:
         result = run(config, progress=progress)
     plot(result, args.out)
     text = markdown(result, _command_line(), _machine())
-    (args.out / "ablation.md").write_text(text + "\n")
+    atomic_write_text(args.out / "ablation.md", text + "\n")
     print(text)
     return 1 if result["failures"] else 0
 
@@ -423,13 +424,6 @@ def _bench_step(args) -> int:
     return 0
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def write_result(out: Path, name: str, result: dict, table: str, title: str) -> None:
     """``out/name.json`` (the result) and ``out/name.md`` (title, command, machine, date, table)."""
     machine = result.get("machine", {})
@@ -438,8 +432,8 @@ def write_result(out: Path, name: str, result: dict, table: str, title: str) -> 
         header.append(f"Machine: {machine.get('processor')}, {machine.get('threads')} threads, "
                       f"torch {machine.get('torch')}, {machine.get('platform')}; date: {machine.get('date')}")
         header.append("")
-    _atomic_write(out / f"{name}.json", json.dumps(result, indent=2) + "\n")
-    _atomic_write(out / f"{name}.md", "\n".join(header) + "\n" + table + "\n")
+    atomic_write_json(out / f"{name}.json", result, indent=2)
+    atomic_write_text(out / f"{name}.md", "\n".join(header) + "\n" + table + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

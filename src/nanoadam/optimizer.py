@@ -7,7 +7,6 @@ The class validates hyperparameters, groups parameters and keeps state; the math
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -15,6 +14,7 @@ import torch
 from torch.optim import Optimizer
 
 from . import _dtensor as _dt
+from ._validation import check_adam_hyperparameters, check_positive_int, is_number
 from .functional import Mask, dense_adamw, fused_applies, refresh_masks, sparse_adamw
 from .selection import INT16_CHUNK_LIMIT, SELECTIONS, ChunkLayout
 
@@ -23,54 +23,19 @@ _STATE_DTYPES = (torch.bfloat16, torch.float32)
 _HOST_KEYS = ("step", "mask_density", "mask_chunk_size")
 
 
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
 def _check_hyperparameters(h: dict[str, Any]) -> None:
     """Raises ValueError/TypeError naming the first bad hyperparameter in ``h``."""
-    for name in ("lr", "eps", "weight_decay"):
-        if name in h:
-            value = h[name]
-            if isinstance(value, torch.Tensor) and value.numel() == 1:
-                value = value.item()
-            if not _is_number(value):
-                raise TypeError(f"Invalid {name}: {h[name]!r} (expected a number)")
-            if not value >= 0 or math.isinf(value):
-                raise ValueError(f"Invalid {name}: {value} (expected a finite value >= 0)")
-    if "betas" in h:
-        betas = h["betas"]
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(_is_number(b) for b in betas):
-            raise TypeError(f"Invalid betas: {betas!r} (expected a pair of numbers)")
-        for i, b in enumerate(betas):
-            if not 0.0 <= b < 1.0:
-                raise ValueError(f"Invalid beta parameter at index {i}: {b} (expected 0 <= beta < 1)")
-    if "density" in h:
-        d = h["density"]
-        if not _is_number(d):
-            raise TypeError(f"Invalid density: {d!r} (expected a number in (0, 1])")
-        if not 0.0 < d <= 1.0:
-            raise ValueError(f"Invalid density: {d} (expected 0 < density <= 1)")
-    if "mask_interval" in h:
-        mi = h["mask_interval"]
-        if mi is not None and (not isinstance(mi, int) or isinstance(mi, bool)):
-            raise TypeError(f"Invalid mask_interval: {mi!r} (expected an int >= 1 or None)")
-        if mi is not None and mi < 1:
-            raise ValueError(f"Invalid mask_interval: {mi} (expected an int >= 1, or None for a static mask)")
-    if "chunk_size" in h:
-        cs = h["chunk_size"]
-        if not isinstance(cs, int) or isinstance(cs, bool):
-            raise TypeError(f"Invalid chunk_size: {cs!r} (expected an int >= 1)")
-        if cs < 1:
-            raise ValueError(f"Invalid chunk_size: {cs} (expected an int >= 1)")
+    check_adam_hyperparameters(h)
+    if "mask_interval" in h and h["mask_interval"] is not None:
+        check_positive_int(h, "mask_interval", "an int >= 1, or None for a static mask")
+    check_positive_int(h, "chunk_size")
     if "selection" in h and h["selection"] not in SELECTIONS:
         raise ValueError(f"Invalid selection: {h['selection']!r} (expected one of {', '.join(SELECTIONS)})")
     if "state_dtype" in h and h["state_dtype"] not in _STATE_DTYPES:
         raise ValueError(f"Invalid state_dtype: {h['state_dtype']!r} (expected torch.bfloat16 or torch.float32)")
-    if "sparse" in h and not isinstance(h["sparse"], bool):
-        raise TypeError(f"Invalid sparse: {h['sparse']!r} (expected True or False)")
-    if "stochastic_rounding" in h and not isinstance(h["stochastic_rounding"], bool):
-        raise TypeError(f"Invalid stochastic_rounding: {h['stochastic_rounding']!r} (expected True or False)")
+    for flag in ("sparse", "stochastic_rounding"):
+        if flag in h and not isinstance(h[flag], bool):
+            raise TypeError(f"Invalid {flag}: {h[flag]!r} (expected True or False)")
     if "fused" in h and h["fused"] not in (None, True, False):
         raise TypeError(f"Invalid fused: {h['fused']!r} (expected None, True or False)")
 
@@ -335,7 +300,7 @@ class NanoAdam(Optimizer):
                 or gradient_accumulation_steps < 1:
             raise ValueError(f"Invalid gradient_accumulation_steps: {gradient_accumulation_steps!r} "
                              "(expected an int >= 1)")
-        if max_grad_norm_per_tensor is not None and not (_is_number(max_grad_norm_per_tensor)
+        if max_grad_norm_per_tensor is not None and not (is_number(max_grad_norm_per_tensor)
                                                          and max_grad_norm_per_tensor > 0):
             raise ValueError(f"Invalid max_grad_norm_per_tensor: {max_grad_norm_per_tensor!r} (expected > 0)")
         if getattr(self, "_in_backward", None) is not None:

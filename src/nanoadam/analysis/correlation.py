@@ -30,6 +30,8 @@ from datetime import datetime, timezone
 
 import torch
 
+from .._io import atomic_write_text
+
 _REPRODUCE_MODULE = "nanoadam.analysis.correlation"
 KINDS = ("query", "key", "value", "qkv", "attn_out", "ffn_in", "ffn_out")
 PLOT_TAG = {"finetune": "pretrained init (finetune)", "scratch": "random init (scratch)"}
@@ -421,13 +423,6 @@ def summarize(result: dict) -> dict:
 # outputs
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def _f(x: float) -> str:
     return "-" if x is None or not math.isfinite(x) else f"{x:.3g}"
 
@@ -751,10 +746,10 @@ def write_outputs(result: dict, out_dir: str) -> list[str]:
         written.append(path)
     path = os.path.join(out_dir, "correlation.json")
     slim = {k: v for k, v in result.items() if k != "scatter"}
-    _atomic_write_text(path, json.dumps(_finite(slim), indent=1, allow_nan=False) + "\n")
+    atomic_write_text(path, json.dumps(_finite(slim), indent=1, allow_nan=False) + "\n")
     written.append(path)
     path = os.path.join(out_dir, "correlation.md")
-    _atomic_write_text(path, markdown(result))
+    atomic_write_text(path, markdown(result))
     written.append(path)
     return written
 

@@ -71,6 +71,8 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from .._validation import check_adam_hyperparameters, check_positive_int, is_int
+
 __all__ = [
     "MicroAdam",
     "block_layout",
@@ -241,56 +243,18 @@ def window_statistics(
 # -- the optimizer --------------------------------------------------------------------------------
 
 
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def _check_hyperparameters(h: dict[str, Any]) -> None:
     """Raises ValueError/TypeError naming the first bad hyperparameter in ``h``."""
-    for name in ("lr", "eps", "weight_decay"):
-        if name in h:
-            value = h[name]
-            if isinstance(value, torch.Tensor) and value.numel() == 1:
-                value = value.item()
-            if not _is_number(value):
-                raise TypeError(f"Invalid {name}: {h[name]!r} (expected a number)")
-            if not value >= 0 or math.isinf(value):
-                raise ValueError(f"Invalid {name}: {value} (expected a finite value >= 0)")
-    if "betas" in h:
-        betas = h["betas"]
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(_is_number(b) for b in betas):
-            raise TypeError(f"Invalid betas: {betas!r} (expected a pair of numbers)")
-        for i, b in enumerate(betas):
-            if not 0.0 <= b < 1.0:
-                raise ValueError(f"Invalid betas: beta parameter at index {i} is {b} (expected 0 <= beta < 1)")
-    if "m" in h:
-        if not _is_int(h["m"]):
-            raise TypeError(f"Invalid m: {h['m']!r} (expected an int >= 1, the window size)")
-        if h["m"] < 1:
-            raise ValueError(f"Invalid m: {h['m']} (expected an int >= 1, the window size)")
-    if "density" in h:
-        d = h["density"]
-        if not _is_number(d):
-            raise TypeError(f"Invalid density: {d!r} (expected a number in (0, 1])")
-        if not 0.0 < d <= 1.0:
-            raise ValueError(f"Invalid density: {d} (expected 0 < density <= 1)")
+    check_adam_hyperparameters(h)
+    check_positive_int(h, "m", "an int >= 1, the window size")
     if "block_size" in h:
         bs = h["block_size"]
-        if not _is_int(bs):
+        if not is_int(bs):
             raise TypeError(f"Invalid block_size: {bs!r} (expected an int in [1, {INT16_BLOCK_LIMIT}])")
         if not 1 <= bs <= INT16_BLOCK_LIMIT:
             raise ValueError(f"Invalid block_size: {bs} (expected an int in [1, {INT16_BLOCK_LIMIT}], so that "
                              "in-block indices fit int16)")
-    if "quant_bucket" in h:
-        qb = h["quant_bucket"]
-        if not _is_int(qb):
-            raise TypeError(f"Invalid quant_bucket: {qb!r} (expected an int >= 1)")
-        if qb < 1:
-            raise ValueError(f"Invalid quant_bucket: {qb} (expected an int >= 1)")
+    check_positive_int(h, "quant_bucket")
 
 
 def _scalar(x: Any) -> float:

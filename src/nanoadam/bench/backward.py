@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .._io import reset_peak_rss, status_kb
+
 OPTIMIZERS = ("adamw", "nanoadam", "nanoadam-in-backward")
 LLAMA = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_attention_heads=16,
              num_key_value_heads=16, max_position_embeddings=1024, tie_word_embeddings=False)
@@ -32,14 +34,6 @@ class BackwardBenchConfig:
     steps: int = 2
     threads: int = 2
     density: float = 0.1
-
-
-def _status_kb(name: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(name + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{name} missing from /proc/self/status")
 
 
 def _build(setting: str):
@@ -69,12 +63,11 @@ def _worker(setting: str, optimizer: str, steps: int, threads: int, density: flo
     from ..optimizer import NanoAdam
 
     torch.set_num_threads(threads)
-    before_model = _status_kb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:  # reset the peak to the current resident size
-        f.write("5")
+    before_model = status_kb("VmRSS")
+    reset_peak_rss()
     model, batch = _build(setting)
     model.train()
-    loaded = _status_kb("VmRSS")
+    loaded = status_kb("VmRSS")
     if optimizer == "adamw":
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     else:
@@ -86,7 +79,7 @@ def _worker(setting: str, optimizer: str, steps: int, threads: int, density: flo
         if optimizer != "nanoadam-in-backward":
             opt.step()
             opt.zero_grad(set_to_none=True)
-    peak = _status_kb("VmHWM")
+    peak = status_kb("VmHWM")
     params = sum(p.numel() for p in model.parameters())
     return {"setting": setting, "optimizer": optimizer, "params": params,
             "peak_training_mb": (peak - before_model) / 1024, "model_mb": (loaded - before_model) / 1024,

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from .._io import reset_peak_rss, status_kb
 from ..baselines import available_optimizers, build_optimizer, optimizer_state_bytes
 from ..baselines.registry import REGISTRY, galore_target_names
 from ..grouping import dense_parameter_names
@@ -163,28 +164,19 @@ def measure_peak_memory(name: str, config: BenchConfig) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _status_kb(field_name: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field_name} not in /proc/self/status")
-
-
 def _memory_worker(name: str, settings: dict) -> dict:
     torch.set_num_threads(settings["threads"])
     torch.manual_seed(settings["seed"])
     model = load_model(settings["model"], settings["config"])
     batch = synthetic_batch(model, settings["batch"], settings["seq"], settings["seed"])
     bundle = build_optimizer(name, model, lr=settings["lr"])
-    before_kb = _status_kb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
-        f.write("5")
+    before_kb = status_kb("VmRSS")
+    reset_peak_rss()
     for _ in range(settings["memory_steps"]):
         model(**batch).loss.backward()
         bundle.step()
         bundle.optimizer.zero_grad(set_to_none=True)
-    peak_kb = _status_kb("VmHWM")
+    peak_kb = status_kb("VmHWM")
     return {"peak_increase_mb": (peak_kb - before_kb) / 1024, "rss_before_mb": before_kb / 1024,
             "peak_rss_mb": peak_kb / 1024}
 

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._io import atomic_write_json
 from .glue import GlueRunConfig
 from .glue_data import TASKS
 
@@ -95,10 +96,7 @@ def run_path(out: Path, task: str, optimizer: str, phase: str, lr: float, seed: 
 
 
 def _write_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=float))
-    tmp.replace(path)
+    atomic_write_json(path, data, default=float)
 
 
 def _load(path: Path) -> dict | None:

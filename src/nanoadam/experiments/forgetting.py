@@ -53,6 +53,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._io import atomic_write_text
 from ..analysis.shift import backbone_snapshot, shift_report
 from ..baselines import available_optimizers, build_optimizer
 from .compare import BUDGET_OPTIMIZER_OVERRIDES, BUDGETS, LR_GRIDS
@@ -1043,13 +1044,6 @@ def plot_domain(domain: dict, path: str, title: str) -> None:
     os.replace(tmp, path)
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def write_outputs(result: dict, out_dir: str) -> list[str]:
     """Writes ``forgetting.json``, ``forgetting.md`` and ``forgetting_<domain>.png`` per domain run (atomically)."""
     os.makedirs(out_dir, exist_ok=True)
@@ -1060,10 +1054,10 @@ def write_outputs(result: dict, out_dir: str) -> list[str]:
         plot_domain(domain, path, titles.get(name, name))
         written.append(path)
     path = os.path.join(out_dir, "forgetting.json")
-    _atomic_write_text(path, json.dumps(result, indent=1) + "\n")
+    atomic_write_text(path, json.dumps(result, indent=1) + "\n")
     written.append(path)
     path = os.path.join(out_dir, "forgetting.md")
-    _atomic_write_text(path, markdown(result))
+    atomic_write_text(path, markdown(result))
     written.append(path)
     return written
 

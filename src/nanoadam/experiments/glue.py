@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .._io import reset_peak_rss, status_kb
 from ..analysis.shift import backbone_snapshot, shift_report
 from ..baselines import build_optimizer
 from .glue_data import TASKS, Encoded, collate, compute_metrics, encode, load_task
@@ -109,26 +110,6 @@ def evaluate(model, data: Encoded, task: str, pad_id: int, batch_size: int = 64)
     return compute_metrics(task, torch.cat(outputs), data.labels)
 
 
-def _rss_kb(field_name: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def run(config: GlueRunConfig, rows: dict[str, list[dict]] | None = None, progress=None) -> dict:
     """Trains once and returns the result. ``rows`` (from ``load_task``) saves reloading data."""
     torch.set_num_threads(config.threads)
@@ -147,8 +128,8 @@ def run(config: GlueRunConfig, rows: dict[str, list[dict]] | None = None, progre
     order: list[int] = []
     eval_at = {round(total_steps * (i + 1) / (config.eval_points + 1)) for i in range(config.eval_points)}
 
-    rss_before = _rss_kb("VmRSS")
-    peak_ok = _reset_peak_rss()
+    rss_before = status_kb("VmRSS")
+    peak_ok = reset_peak_rss()
     losses, step_times, opt_times, eval_curve = [], [], [], []
     model.train()
     started = time.perf_counter()
@@ -173,7 +154,7 @@ def run(config: GlueRunConfig, rows: dict[str, list[dict]] | None = None, progre
         if progress is not None:
             progress(step, total_steps)
     train_seconds = time.perf_counter() - started
-    peak = _rss_kb("VmHWM") if peak_ok else None
+    peak = status_kb("VmHWM") if peak_ok else None
     final = evaluate(model, evaluation, config.task, pad_id) if math.isfinite(losses[-1]) else \
         {"score": float("nan"), "diverged": True}
     eval_curve.append({"step": len(losses), **final})

@@ -58,6 +58,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .._io import atomic_write_text
+
 STRATEGIES = ("small_weights", "large_gradients", "small_weights_static", "large_gradients_static", "full")
 LABELS = {
     "small_weights": "Small weights",
@@ -383,13 +385,6 @@ def _verdict(tasks: dict, cfg: ToyConfig) -> dict:
 # outputs
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def _fmt(st: dict) -> str:
     return f"{st['mean']:.3g} ± {st['std']:.2g}"
 
@@ -601,10 +596,10 @@ def write_outputs(result: dict, out_dir: str) -> list[str]:
             plot_task(result, k, path)
             written.append(path)
     path = os.path.join(out_dir, "toy.json")
-    _atomic_write_text(path, json.dumps(result, indent=1) + "\n")
+    atomic_write_text(path, json.dumps(result, indent=1) + "\n")
     written.append(path)
     path = os.path.join(out_dir, "toy.md")
-    _atomic_write_text(path, markdown(result))
+    atomic_write_text(path, markdown(result))
     written.append(path)
     return written
 
