@@ -107,3 +107,18 @@ def test_ablation_miniature(tmp_path):
     again = []
     run_ablation(config, execute=in_process(again))
     assert again == []
+
+
+def test_slow_runs_are_found_and_set_aside(tmp_path):
+    from nanoadam.experiments.compare import _retimed, retime, slow_runs
+
+    folder = tmp_path / "runs" / "rte" / "adamw"
+    for name, step in [("final-lr1e-4-seed0", 0.30), ("final-lr1e-4-seed1", 0.33), ("final-lr1e-4-seed2", 0.90),
+                       ("tune-lr1e-4-seed0", 0.25)]:
+        _write_atomic(folder / f"{name}.json", {"median_step_s": step, "score": 0.5})
+    assert slow_runs(tmp_path, 1.3) == [folder / "final-lr1e-4-seed2.json"]
+    moved = retime(tmp_path, 1.3)
+    assert moved[0]["old_median_step_s"] == 0.90 and not (folder / "final-lr1e-4-seed2.json").exists()
+    _write_atomic(folder / "final-lr1e-4-seed2.json", {"median_step_s": 0.31, "score": 0.5})
+    assert _retimed(tmp_path) == [{"run": "runs/rte/adamw/final-lr1e-4-seed2.json", "old_median_step_s": 0.9,
+                                   "new_median_step_s": 0.31, "old_score": 0.5, "new_score": 0.5}]

@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--tasks", type=_task_list, default=None, help=f"comma-separated, default all: {tasks}")
     compare.add_argument("--optimizers", type=_names, default=None, help="comma-separated registry names")
     compare.add_argument("--seeds", type=_positive_int, default=3)
+    compare.add_argument("--rerun-slower-than", type=_positive_float, metavar="FACTOR",
+                         help="first rerun every finished run whose median step took more than FACTOR times the "
+                              "fastest run of the same task, optimizer and phase (a machine disturbed by other work)")
     _add_common_glue_args(compare)
 
     reproduce = commands.add_parser("reproduce", help="the paper's analyses, each writing tables, figures and JSON")
@@ -268,6 +271,11 @@ def _compare(args) -> int:
     config = CompareConfig(tasks=tasks, optimizers=args.optimizers or available_optimizers(), budget=args.budget,
                            seeds=args.seeds, model=args.model, data_dir=args.data_dir, out=str(out),
                            lora_r=args.lora_r if args.peft == "lora" else None, threads=args.threads)
+    if args.rerun_slower_than:
+        from .experiments.compare import retime
+
+        for moved in retime(out, args.rerun_slower_than):
+            print(f"rerunning {moved['run']} (median step {moved['old_median_step_s']:.3f} s)", file=sys.stderr)
     with tqdm(desc="compare", unit="run") as bar:
         def progress(done, total, path):
             bar.total = total

@@ -162,6 +162,33 @@ class RunLedger:
         return result
 
 
+def slow_runs(out: Path, factor: float) -> list[Path]:
+    """Runs whose median step took more than ``factor`` times the fastest run of the same task,
+    optimizer and phase: the same work, so such a run was slowed by something else on the machine."""
+    groups: dict[tuple, list[tuple[float, Path]]] = {}
+    for path in sorted(out.glob("runs/*/*/*.json")):
+        run = json.loads(path.read_text())
+        key = (path.parent, path.name.split("-")[0])
+        groups.setdefault(key, []).append((run["median_step_s"], path))
+    slow = []
+    for runs in groups.values():
+        fastest = min(t for t, _ in runs)
+        slow += [p for t, p in runs if t > factor * fastest]
+    return slow
+
+
+def retime(out: Path, factor: float) -> list[dict]:
+    """Moves slow runs (see ``slow_runs``) aside so that the next ``run_compare`` reruns them;
+    returns what was moved, with the old timing and score, for the record."""
+    moved = []
+    for path in slow_runs(out, factor):
+        run = json.loads(path.read_text())
+        moved.append({"run": str(path.relative_to(out)), "old_median_step_s": run["median_step_s"],
+                      "old_score": run["score"]})
+        path.replace(path.with_name(path.name + ".slow"))
+    return moved
+
+
 def run_compare(config: CompareConfig, execute=None, progress=None) -> dict:
     """Runs (or resumes) the whole grid; returns the summary (also written to out/summary.json)."""
     out = Path(config.out)
@@ -183,8 +210,22 @@ def run_compare(config: CompareConfig, execute=None, progress=None) -> dict:
                               run_path(out, task, optimizer, "final", lr, seed))
     summary = summarize(config)
     summary["failures"] = ledger.failures
+    summary["retimed"] = _retimed(out)
     _write_atomic(out / "summary.json", summary)
     return summary
+
+
+def _retimed(out: Path) -> list[dict]:
+    """Runs rerun because their first timing was disturbed: old and new step time and score."""
+    rows = []
+    for old_path in sorted(out.glob("runs/*/*/*.json.slow")):
+        new_path = old_path.with_name(old_path.name.removesuffix(".slow"))
+        old = json.loads(old_path.read_text())
+        new = _load(new_path)
+        rows.append({"run": str(new_path.relative_to(out)), "old_median_step_s": old["median_step_s"],
+                     "new_median_step_s": new["median_step_s"] if new else None, "old_score": old["score"],
+                     "new_score": new["score"] if new else None})
+    return rows
 
 
 def summarize(config: CompareConfig) -> dict:
