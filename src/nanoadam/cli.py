@@ -113,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     forget.add_argument("--tie-breaks", default="smaller,loss",
                         help="held-out tie rules for learning rates: smaller, loss, or both (the second a variant)")
     forget.add_argument("--merge", action="store_true", help="keep domains of an existing result this run skips")
+    forget.add_argument("--seed", type=int, default=0, help="first seed")
+    forget.add_argument("--epochs", type=_positive_float, help="vision: epochs per task (default 15)")
+    forget.add_argument("--budget", choices=["quick", "paper"], default="quick",
+                        help="language: quick (1000 examples, 1 epoch) or paper (whole sets, 5 epochs, batch 8)")
     forget.add_argument("--out", type=Path, default=Path("results/forgetting"))
 
     demo = commands.add_parser("demo", help="the main job: does NanoAdam forget less than AdamW? (digits CNN, "
@@ -359,11 +363,15 @@ def _reproduce_forgetting(args) -> int:
         raise UsageError("nanoadam reproduce forgetting: --tie-breaks takes smaller and/or loss, "
                          f"got {args.tie_breaks!r}")
     seeds = {"n_seeds": args.seeds} if args.seeds else {}
-    vision = VisionConfig(tie_breaks=ties, **seeds) if "vision" in domains else None
+    epochs = {"epochs": args.epochs} if args.epochs else {}
+    vision = VisionConfig(seed=args.seed, tie_breaks=ties, **seeds, **epochs) if "vision" in domains else None
     language = None
     if "language" in domains:
+        from .experiments.compare import BUDGETS
+
         _check_glue_inputs(argparse.Namespace(data_dir=args.data_dir, model="minilm"), ["sst2", "cola"])
-        language = LanguageConfig(data_dir=args.data_dir, **seeds)
+        budget = {k: v for k, v in BUDGETS[args.budget].items() if k != "eval_points"}
+        language = LanguageConfig(seed=args.seed, data_dir=args.data_dir, **seeds, **budget)
     main(ForgettingConfig(vision=vision, language=language, command=_command_line()), out_dir=str(args.out),
          merge=args.merge)
     print(f"wrote {args.out}/forgetting.md")
