@@ -406,3 +406,16 @@ def test_resume_with_bfloat16_params_keeps_int16_positions():
         loaded = twin.state[twin.param_groups[0]["params"][0]][key]
         assert loaded.dtype == value.dtype and torch.equal(loaded, value), key
     assert int(opt.state[params[0]]["index"].max()) > 256
+
+
+@pytest.mark.parametrize("fused", FUSED)
+def test_empty_and_single_entry_params(fused):
+    empty = torch.nn.Parameter(torch.zeros(0, 5))
+    single = torch.nn.Parameter(torch.tensor([0.5]))
+    opt = NanoAdam([empty, single], lr=0.1, density=0.1, fused=fused)
+    for _ in range(3):
+        empty.grad = torch.zeros(0, 5)
+        single.grad = torch.tensor([1.0])
+        opt.step()
+    assert opt.state[empty]["index"].numel() == 0
+    assert single.item() == pytest.approx(0.5 - 0.3, abs=1e-3)  # one entry: always selected, Adam steps of ~lr

@@ -90,6 +90,8 @@ def chunk_bottomk(keys: torch.Tensor, layout: ChunkLayout) -> torch.Tensor:
         parts.append(_bottomk_rows(keys[:full].view(layout.full_chunks, layout.chunk_size), layout.k).reshape(-1))
     if layout.tail:
         parts.append(_bottomk_rows(keys[full:].view(1, layout.tail), layout.k_last).reshape(-1))
+    if not parts:  # an empty tensor
+        return torch.empty(0, dtype=layout.index_dtype, device=keys.device)
     return torch.cat(parts).to(layout.index_dtype)
 
 
@@ -103,6 +105,8 @@ def global_positions(index: torch.Tensor, layout: ChunkLayout) -> torch.Tensor:
         parts.append((index[:split].view(layout.full_chunks, layout.k) + starts).reshape(-1))
     if layout.tail:
         parts.append(index[split:] + layout.full_chunks * layout.chunk_size)
+    if not parts:
+        return torch.empty(0, dtype=torch.long, device=index.device)
     return torch.cat(parts)
 
 
