@@ -139,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=_positive_int, default=2)
     bench.add_argument("--out", type=Path, help="write bench.json and bench.md here")
     bench_kinds = bench.add_subparsers(dest="bench", parser_class=_Parser)
+    backward = bench_kinds.add_parser("backward", help="peak training memory: step in backward vs NanoAdam vs "
+                                                       "fused AdamW (each in a fresh process)")
+    backward.add_argument("--settings", default="llama,minilm", help="llama (>= 300 M decoder), minilm, or both")
+    backward.add_argument("--steps", type=_positive_int, default=2)
+    backward.add_argument("--threads", type=_positive_int, default=2)
+    backward.add_argument("--out", type=Path, help="write backward.json and backward.md here")
     memory = bench_kinds.add_parser("memory", help="the paper's Appendix G state-memory table for N parameters")
     memory.add_argument("--params", type=_positive_float, default=6.74e9, help="parameter count (default LLaMA-2 7B)")
     memory.add_argument("--density", type=_density, default=0.1)
@@ -422,6 +428,22 @@ def _bench_memory(args) -> int:
     return 0
 
 
+def _bench_backward(args) -> int:
+    from .bench.backward import BackwardBenchConfig, format_table, run
+
+    settings = [x.strip() for x in args.settings.split(",") if x.strip()]
+    if not settings or set(settings) - {"llama", "minilm"}:
+        raise UsageError(f"nanoadam bench backward: --settings takes llama and/or minilm, got {args.settings!r}")
+    result = run(BackwardBenchConfig(settings=settings, steps=args.steps, threads=args.threads),
+                 progress=lambda row: print(f"{row['setting']} / {row['optimizer']}: "
+                                            f"{row['peak_training_mb']:.0f} MB", file=sys.stderr))
+    table = format_table(result)
+    print(table)
+    if args.out:
+        write_result(args.out, "backward", result, table, "Peak training memory with step in backward")
+    return 0
+
+
 def _bench_step(args) -> int:
     tqdm = _require("tqdm.auto", "cli").tqdm
     from .bench.step import StepBenchConfig, format_table, minilm_shapes, run
@@ -472,7 +494,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise UsageError(f"nanoadam reproduce: choose one of {', '.join(handlers)}")
             return handlers[args.analysis](args)
         if args.command == "bench":
-            return {"step": _bench_step, "memory": _bench_memory, None: _bench_optimizers}[args.bench](args)
+            return {"step": _bench_step, "memory": _bench_memory, "backward": _bench_backward,
+                    None: _bench_optimizers}[args.bench](args)
     except UsageError as e:
         print(str(e), file=sys.stderr)
         return 2
