@@ -236,11 +236,11 @@ def _check_glue_inputs(args, tasks: list[str]) -> None:
 
 def _finetune(args) -> int:
     tqdm = _require("tqdm.auto", "cli").tqdm
-    from .experiments.compare import BUDGET_OPTIMIZER_OVERRIDES, BUDGETS, LR_GRIDS
+    from .experiments.compare import BUDGET_OPTIMIZER_OVERRIDES, LR_GRIDS, budget_settings
     from .experiments.glue import GlueRunConfig, run
 
     _check_glue_inputs(args, [args.task])
-    settings = dict(BUDGETS[args.budget])
+    settings = budget_settings(args.budget, args.task)
     if args.epochs:
         settings["epochs"] = args.epochs
     grid = LR_GRIDS.get(args.optimizer, [1e-4])
@@ -373,10 +373,10 @@ def _reproduce_forgetting(args) -> int:
     vision = VisionConfig(seed=args.seed, tie_breaks=ties, **seeds, **epochs) if "vision" in domains else None
     language = None
     if "language" in domains:
-        from .experiments.compare import BUDGETS
+        from .experiments.compare import budget_settings
 
         _check_glue_inputs(argparse.Namespace(data_dir=args.data_dir, model="minilm"), ["sst2", "cola"])
-        budget = {k: v for k, v in BUDGETS[args.budget].items() if k != "eval_points"}
+        budget = {k: v for k, v in budget_settings(args.budget).items() if k != "eval_points"}
         language = LanguageConfig(seed=args.seed, data_dir=args.data_dir, **seeds, **budget)
     main(ForgettingConfig(vision=vision, language=language, command=_command_line()), out_dir=str(args.out),
          merge=args.merge)

@@ -56,7 +56,7 @@ from torch import nn
 from .._io import atomic_write_text
 from ..analysis.shift import backbone_snapshot, shift_report
 from ..baselines import available_optimizers, build_optimizer
-from .compare import BUDGET_OPTIMIZER_OVERRIDES, BUDGETS, LR_GRIDS
+from .compare import BUDGET_OPTIMIZER_OVERRIDES, LR_GRIDS, budget_settings
 
 METRICS = ("task1", "task2", "task1_after", "avg", "forgetting", "l2_shift", "relative_shift", "untouched_fraction")
 DEFAULT_OUT_DIR = "docs/results/forgetting"
@@ -140,10 +140,10 @@ class LanguageConfig:
     n_seeds: int = 1
     model: str = "minilm"
     data_dir: str | None = DEFAULT_GLUE_DIR  # None: the hub
-    train_limit: int | None = BUDGETS["quick"]["train_limit"]  # the same fixed subsets as the GLUE comparison
-    epochs: float = BUDGETS["quick"]["epochs"]  # per task
-    max_length: int = BUDGETS["quick"]["max_length"]
-    batch_size: int = BUDGETS["quick"]["batch_size"]
+    train_limit: int | None = budget_settings("quick")["train_limit"]  # the quick budget's base subsets
+    epochs: float = budget_settings("quick")["epochs"]  # per task
+    max_length: int = budget_settings("quick")["max_length"]
+    batch_size: int = budget_settings("quick")["batch_size"]
     heldout_fraction: float = 0.2  # of the training subset, for learning-rate tuning (as the GLUE comparison)
     eval_limit: int | None = None  # validation examples scored (None: all)
     optimizers: list[str] = field(default_factory=lambda: list(LR_GRIDS))
