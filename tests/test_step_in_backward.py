@@ -76,3 +76,29 @@ def test_step_refuses_and_stop_restores():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         NanoAdam(model().parameters()).step_in_backward(**kwargs)
+
+
+def test_memory_benchmarks_fix_the_allocator_for_every_process(monkeypatch):
+    import json
+    import subprocess
+
+    from nanoadam._io import measurement_env
+    from nanoadam.bench import backward
+
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    assert "MALLOC_MMAP_THRESHOLD_" not in measurement_env(None)
+    envs = []
+    real_run = subprocess.run
+
+    def fake_run(cmd, env=None, **kwargs):
+        if "nanoadam.bench.backward" not in cmd:
+            return real_run(cmd, env=env, **kwargs)
+        envs.append(env)
+        row = {"setting": cmd[3], "optimizer": cmd[4], "params": 1, "peak_training_mb": 2.0, "model_mb": 1.0,
+               "increase_over_model_mb": 1.0}
+        return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps(row), stderr="")
+
+    monkeypatch.setattr(backward.subprocess, "run", fake_run)
+    result = backward.run(backward.BackwardBenchConfig(settings=["minilm"], mmap_threshold=65536))
+    assert [e["MALLOC_MMAP_THRESHOLD_"] for e in envs] == ["65536"] * len(backward.OPTIMIZERS)
+    assert "MALLOC_MMAP_THRESHOLD_=65536" in backward.format_table(result)

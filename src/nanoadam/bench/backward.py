@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .._io import reset_peak_rss, status_kb
+from .._io import DEFAULT_MMAP_THRESHOLD, allocator_note, measurement_env, reset_peak_rss, status_kb
 
 OPTIMIZERS = ("adamw", "nanoadam", "nanoadam-in-backward")
 LLAMA = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_attention_heads=16,
@@ -34,6 +34,7 @@ class BackwardBenchConfig:
     steps: int = 2
     threads: int = 2
     density: float = 0.1
+    mmap_threshold: int | None = DEFAULT_MMAP_THRESHOLD  # see nanoadam._io.measurement_env
 
 
 def _build(setting: str):
@@ -92,7 +93,8 @@ def run(config: BackwardBenchConfig, progress=None) -> dict:
         for optimizer in config.optimizers:
             cmd = [sys.executable, "-m", "nanoadam.bench.backward", setting, optimizer, str(config.steps),
                    str(config.threads), str(config.density)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=measurement_env(config.mmap_threshold),
+                                  timeout=3600)
             if proc.returncode != 0:
                 raise RuntimeError(f"{setting}/{optimizer} failed: {proc.stderr.strip().splitlines()[-1:]}")
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -115,7 +117,8 @@ def format_table(result: dict) -> str:
     lines += ["", "llama: LLaMA-style decoder (hidden 1024, 24 layers, untied head), random weights, gradient "
               "checkpointing, batch 1 x 512 tokens. minilm: all-MiniLM-L6-v2, batch 32 x 128. Peak training memory = "
               "peak resident size minus the resident size before the model was built; each row a fresh process; "
-              f"{result['config']['steps']} training steps; NanoAdam density {result['config']['density']}."]
+              f"{result['config']['steps']} training steps; NanoAdam density {result['config']['density']}; "
+              + allocator_note(result['config'].get('mmap_threshold'))]
     return "\n".join(lines)
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .._io import reset_peak_rss, status_kb
+from .._io import DEFAULT_MMAP_THRESHOLD, allocator_note, measurement_env, reset_peak_rss, status_kb
 from ..baselines import available_optimizers, build_optimizer, optimizer_state_bytes
 from ..baselines.registry import REGISTRY, galore_target_names
 from ..grouping import dense_parameter_names
@@ -52,6 +51,7 @@ class BenchConfig:
     seq: int = 128
     memory: bool = True
     memory_steps: int = 3
+    mmap_threshold: int | None = DEFAULT_MMAP_THRESHOLD  # see nanoadam._io.measurement_env
     seed: int = 0
 
 
@@ -157,8 +157,8 @@ def measure_peak_memory(name: str, config: BenchConfig) -> dict:
     cmd = [sys.executable, "-m", "nanoadam.bench.optimizers", "--memory-worker", name,
            json.dumps({k: getattr(config, k) for k in ("model", "config", "lr", "batch", "seq", "memory_steps",
                                                       "threads", "seed")})]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=measurement_env(config.mmap_threshold),
+                          timeout=1800)
     if proc.returncode != 0:
         raise RuntimeError(f"memory worker for {name} failed: {proc.stderr.strip().splitlines()[-1:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -195,7 +195,8 @@ def format_table(result: dict) -> str:
     c = result["config"]
     rows += ["", f"{result['params']:,} parameters; {c['blocks']} blocks of {c['steps_per_block']} steps each; "
              f"peak memory: {c['memory_steps']} training steps at batch {c['batch']} x {c['seq']} tokens, "
-             "each optimizer in a fresh process. adamw is torch.optim.AdamW(fused=True)."]
+             "each optimizer in a fresh process, " + allocator_note(c.get("mmap_threshold"))
+             + " adamw is torch.optim.AdamW(fused=True)."]
     return "\n".join(rows)
 
 
