@@ -44,6 +44,8 @@ def test_compare_tunes_on_heldout_resumes_and_reports(tmp_path):
     assert again == []  # every finished run is reused
     table = glue_table(summary)
     assert "RTE (acc)" in table and "nanoadam" in table
+    assert summary["finished_runs"] == 7 and "7 finished runs" in table
+    assert f"adamw **{summary['cells']['rte']['adamw']['lr']:g}** (0.0001: " in table
     assert plot_curves(tmp_path, summary)[0].exists()
 
 

@@ -270,12 +270,15 @@ def summarize(config: CompareConfig) -> dict:
                 "steps": finals[0]["steps"],
                 "train_examples": finals[0]["train_examples"],
             }
+    finished = [json.loads(p.read_text()) for task in config.tasks for optimizer in config.optimizers
+                for p in sorted((out / "runs" / task / optimizer).glob("*.json"))]
     averages = {}
     for optimizer in config.optimizers:
         per_task = [cells[t][optimizer]["mean"] for t in config.tasks if optimizer in cells.get(t, {})]
         if len(per_task) == len(config.tasks):
             averages[optimizer] = statistics.fmean(per_task)
-    return {"config": asdict(config), "cells": cells, "average": averages}
+    return {"config": asdict(config), "cells": cells, "average": averages, "finished_runs": len(finished),
+            "train_seconds_total": sum(r["train_seconds"] for r in finished)}
 
 
 def _mean_or_none(values):

@@ -34,11 +34,20 @@ def glue_table(summary: dict) -> str:
         else:
             row += ["-"] * 5
         lines.append("| " + " | ".join(row) + " |")
+    if "finished_runs" in summary:
+        lines += ["", f"{summary['finished_runs']} finished runs (tuning and final); their training loops took "
+                  f"{summary['train_seconds_total'] / 3600:.2f} h in all (loading, tokenizing and evaluation "
+                  "not included)."]
     lines += ["", "Learning rates chosen on the held-out slice (held-out score per grid value):", ""]
     for t in tasks:
-        chosen = ", ".join(f"{o} {cells[t][o]['lr']:g}" for o in optimizers if o in cells.get(t, {}))
+        chosen = "; ".join(f"{o} **{cells[t][o]['lr']:g}** ({_grid_scores(cells[t][o]['tuning'])})"
+                           for o in optimizers if o in cells.get(t, {}))
         lines.append(f"- {t}: {chosen}")
     return "\n".join(lines)
+
+
+def _grid_scores(tuning: dict[str, float]) -> str:
+    return ", ".join(f"{float(lr):g}: {100 * score:.1f}" for lr, score in tuning.items())
 
 
 def _mean(cells: list[dict], key: str) -> float:
