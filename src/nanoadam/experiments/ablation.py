@@ -158,7 +158,7 @@ def markdown(result: dict, command: str, machine: dict) -> str:
              row("small_weights", f"dynamic (every {c['mask_interval']} steps)"), row("static_mask", "static"), "",
              "## Mask interval (Table 11), one seed", "", *head,
              *[row(f"interval_{m}", f"every {m} steps") for m in c["intervals"]],
-             row("small_weights", f"every {c['mask_interval']} steps (seed 0 of the main runs above)"), "",
+             row("small_weights", f"every {c['mask_interval']} steps (the main runs above, all seeds)"), "",
              "## Verdicts", ""]
     names = {"small_beats_random": "small > random weights", "random_beats_large": "random > large weights",
              "small_beats_large_gradients": "small weights > large gradients (each tuned)",
