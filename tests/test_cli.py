@@ -39,6 +39,8 @@ def test_bench_step_tiny_writes_json(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv", [["reproduce", "forgetting", "--domains", "audio"],
                                   ["reproduce", "forgetting", "--tie-breaks", "larger"], ["reproduce"],
+                                  ["reproduce", "forgetting", "--domains", "language", "--task2", "qnli"],
+                                  ["reproduce", "forgetting", "--domains", "language", "--task2", "sst2"],
                                   ["reproduce", "toy", "--fraction", "1.5"]])
 def test_reproduce_bad_input(argv, capsys):
     assert main(argv) == 2

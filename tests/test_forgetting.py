@@ -202,7 +202,7 @@ def test_config_validation():
         F.LanguageConfig(task2="mnli")
     full = F.LanguageConfig()  # the full language run: every optimizer, the GLUE quick budget
     assert full.optimizers == ["adamw", "adamw8bit", "galore", "microadam", "nanoadam", "nanoadam-static"]
-    assert (full.task1, full.task2, full.train_limit, full.max_length) == ("sst2", "cola", 1000, 64)
+    assert (full.task1, full.task2, full.train_limit, full.max_length) == ("sst2", "stsb", 1000, 64)
 
 
 def test_demo_runs(tmp_path, capsys):
@@ -224,7 +224,7 @@ def test_language_miniature(tmp_path):
                            data_dir=DATA, threads=1)
     domain = F.LanguageDomain(cfg)
     assert domain.sizes["sst2_tune_eval"] == 8 and domain.sizes["sst2_final_train"] == 40
-    assert domain.sizes["cola_final_eval"] == 16
+    assert domain.sizes["stsb_final_eval"] == 16
     out = F.continual_finetune(domain, "nanoadam", 1e-3, 1e-3, seed=0)
     rec = out.record
     assert rec["task1_head_reloaded"] and rec["forgetting"] == pytest.approx(rec["task1"] - rec["task1_after"])
@@ -232,7 +232,7 @@ def test_language_miniature(tmp_path):
     assert 0.5 < rec["untouched_fraction"] < 1.0 and rec["l2_shift"] > 0
     result = F.run(F.ForgettingConfig(vision=None, language=cfg))
     lang = result["domains"]["language"]
-    assert set(lang["optimizers"]) == {"adamw", "nanoadam"} and lang["metric"] == "accuracy / matthews"
+    assert set(lang["optimizers"]) == {"adamw", "nanoadam"} and lang["metric"] == "accuracy / pearson"
     F.write_outputs(result, str(tmp_path))
     md = (tmp_path / "forgetting.md").read_text()
-    assert "SST2 (task 1)" in md and "COLA (task 2)" in md
+    assert "SST2 (task 1)" in md and "STSB (task 2)" in md

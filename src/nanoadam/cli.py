@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     forget.add_argument("--data-dir", help="GLUE folder for the language domain (default: the hub)")
     forget.add_argument("--tie-breaks", default="smaller,loss",
                         help="held-out tie rules for learning rates: smaller, loss, or both (the second a variant)")
+    forget.add_argument("--task1", type=_task, default="sst2", help=f"language: first GLUE task ({tasks})")
+    forget.add_argument("--task2", type=_task, default="stsb", help="language: second GLUE task")
     forget.add_argument("--merge", action="store_true", help="keep domains of an existing result this run skips")
     forget.add_argument("--seed", type=int, default=0, help="first seed")
     forget.add_argument("--epochs", type=_positive_float, help="vision: epochs per task (default 15)")
@@ -375,9 +377,13 @@ def _reproduce_forgetting(args) -> int:
     if "language" in domains:
         from .experiments.compare import budget_settings
 
-        _check_glue_inputs(argparse.Namespace(data_dir=args.data_dir, model="minilm"), ["sst2", "cola"])
+        pair = [args.task1, args.task2]
+        if pair[0] == pair[1]:
+            raise UsageError("nanoadam reproduce forgetting: --task1 and --task2 must differ")
+        _check_glue_inputs(argparse.Namespace(data_dir=args.data_dir, model="minilm"), pair)
         budget = {k: v for k, v in budget_settings(args.budget).items() if k != "eval_points"}
-        language = LanguageConfig(seed=args.seed, data_dir=args.data_dir, **seeds, **budget)
+        language = LanguageConfig(task1=pair[0], task2=pair[1], seed=args.seed, data_dir=args.data_dir, **seeds,
+                                  **budget)
     main(ForgettingConfig(vision=vision, language=language, command=_command_line()), out_dir=str(args.out),
          merge=args.merge)
     print(f"wrote {args.out}/forgetting.md")
