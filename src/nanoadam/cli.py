@@ -377,13 +377,13 @@ def _reproduce_forgetting(args) -> int:
     if "language" in domains:
         from .experiments.compare import budget_settings
 
-        pair = [args.task1, args.task2]
-        if pair[0] == pair[1]:
-            raise UsageError("nanoadam reproduce forgetting: --task1 and --task2 must differ")
-        _check_glue_inputs(argparse.Namespace(data_dir=args.data_dir, model="minilm"), pair)
         budget = {k: v for k, v in budget_settings(args.budget).items() if k != "eval_points"}
-        language = LanguageConfig(task1=pair[0], task2=pair[1], seed=args.seed, data_dir=args.data_dir, **seeds,
-                                  **budget)
+        try:
+            language = LanguageConfig(task1=args.task1, task2=args.task2, seed=args.seed, data_dir=args.data_dir,
+                                      **seeds, **budget)
+        except ValueError as e:
+            raise UsageError(f"nanoadam reproduce forgetting: {e}") from None
+        _check_glue_inputs(argparse.Namespace(data_dir=args.data_dir, model="minilm"), [args.task1, args.task2])
     main(ForgettingConfig(vision=vision, language=language, command=_command_line()), out_dir=str(args.out),
          merge=args.merge)
     print(f"wrote {args.out}/forgetting.md")

@@ -245,12 +245,14 @@ def summarize(config: CompareConfig) -> dict:
     """Reads every finished run under ``config.out`` into per task/optimizer statistics."""
     out = Path(config.out)
     cells: dict[str, dict[str, Any]] = {}
+    finished_runs, train_seconds_total = 0, 0.0
     for task in config.tasks:
         for optimizer in config.optimizers:
-            folder = out / "runs" / task / optimizer
-            tunes = {json.loads(p.read_text())["config"]["lr"]: json.loads(p.read_text())
-                     for p in sorted(folder.glob("tune-*.json"))}
-            finals = [json.loads(p.read_text()) for p in sorted(folder.glob("final-*.json"))]
+            runs = {p.name: json.loads(p.read_text()) for p in sorted((out / "runs" / task / optimizer).glob("*.json"))}
+            finished_runs += len(runs)
+            train_seconds_total += sum(r["train_seconds"] for r in runs.values())
+            tunes = {r["config"]["lr"]: r for name, r in runs.items() if name.startswith("tune-")}
+            finals = [r for name, r in runs.items() if name.startswith("final-")]
             if not finals:
                 continue
             scores = [r["score"] for r in finals]
@@ -270,15 +272,13 @@ def summarize(config: CompareConfig) -> dict:
                 "steps": finals[0]["steps"],
                 "train_examples": finals[0]["train_examples"],
             }
-    finished = [json.loads(p.read_text()) for task in config.tasks for optimizer in config.optimizers
-                for p in sorted((out / "runs" / task / optimizer).glob("*.json"))]
     averages = {}
     for optimizer in config.optimizers:
         per_task = [cells[t][optimizer]["mean"] for t in config.tasks if optimizer in cells.get(t, {})]
         if len(per_task) == len(config.tasks):
             averages[optimizer] = statistics.fmean(per_task)
-    return {"config": asdict(config), "cells": cells, "average": averages, "finished_runs": len(finished),
-            "train_seconds_total": sum(r["train_seconds"] for r in finished)}
+    return {"config": asdict(config), "cells": cells, "average": averages, "finished_runs": finished_runs,
+            "train_seconds_total": train_seconds_total}
 
 
 def _mean_or_none(values):
