@@ -49,6 +49,24 @@ def test_compare_tunes_on_heldout_resumes_and_reports(tmp_path):
     assert plot_curves(tmp_path, summary)[0].exists()
 
 
+def test_optimizers_take_turns_so_machine_drift_is_shared(tmp_path, monkeypatch):
+    config = CompareConfig(tasks=["rte"], optimizers=["adamw", "nanoadam"], seeds=2, out=str(tmp_path),
+                           lr_grids={"adamw": [1e-4, 1e-3], "nanoadam": [1e-3]})
+    calls = []
+
+    def fake(config, path):
+        calls.append(str(path.relative_to(tmp_path / "runs/rte")))
+        _write_atomic(path, {"score": config.lr, "config": {"lr": config.lr}})
+
+    from nanoadam.experiments import compare
+    monkeypatch.setattr(compare, "summarize", lambda config: {})  # the fake runs hold no metrics
+    run_compare(config, execute=fake)
+    assert calls == ["adamw/tune-lr0.0001-seed0.json", "nanoadam/tune-lr0.001-seed0.json",
+                     "adamw/tune-lr0.001-seed0.json",
+                     "adamw/final-lr0.001-seed0.json", "nanoadam/final-lr0.001-seed0.json",
+                     "adamw/final-lr0.001-seed1.json", "nanoadam/final-lr0.001-seed1.json"]
+
+
 def test_best_lr_prefers_score_then_smaller_rate():
     assert best_lr({1e-4: {"score": 0.5}, 1e-3: {"score": 0.7}}) == 1e-3
     assert best_lr({1e-4: {"score": 0.7}, 1e-3: {"score": 0.7}}) == 1e-4
