@@ -142,3 +142,22 @@ def test_slow_runs_are_found_and_set_aside(tmp_path):
     _write_atomic(folder / "final-lr1e-4-seed2.json", {"median_step_s": 0.31, "score": 0.5})
     assert _retimed(tmp_path) == [{"run": "runs/rte/adamw/final-lr1e-4-seed2.json", "old_median_step_s": 0.9,
                                    "new_median_step_s": 0.31, "old_score": 0.5, "new_score": 0.5}]
+
+
+def test_retime_finals_sets_aside_every_final_of_the_task_and_the_table_lists_reruns(tmp_path):
+    from nanoadam.experiments.compare import _retimed, retime_finals
+
+    for task, name in [("stsb", "adamw/final-lr1e-4-seed0"), ("stsb", "nanoadam/final-lr1e-3-seed1"),
+                       ("stsb", "adamw/tune-lr1e-4-seed0"), ("rte", "adamw/final-lr1e-4-seed0")]:
+        _write_atomic(tmp_path / "runs" / task / f"{name}.json", {"median_step_s": 0.5, "score": 0.4})
+    moved = retime_finals(tmp_path, ["stsb"])
+    assert [m["run"] for m in moved] == ["runs/stsb/adamw/final-lr1e-4-seed0.json",
+                                         "runs/stsb/nanoadam/final-lr1e-3-seed1.json"]
+    assert (tmp_path / "runs/stsb/adamw/tune-lr1e-4-seed0.json").exists()
+    assert (tmp_path / "runs/rte/adamw/final-lr1e-4-seed0.json").exists()
+    _write_atomic(tmp_path / "runs/stsb/adamw/final-lr1e-4-seed0.json", {"median_step_s": 0.41, "score": 0.4})
+    summary = {"config": {"tasks": ["stsb"], "optimizers": []}, "cells": {"stsb": {}}, "average": {},
+               "retimed": _retimed(tmp_path)}
+    table = glue_table(summary)
+    assert "- runs/stsb/adamw/final-lr1e-4-seed0.json: 0.500 s -> 0.410 s; score 40.00 -> 40.00" in table
+    assert "- runs/stsb/nanoadam/final-lr1e-3-seed1.json: 0.500 s -> not rerun; score 40.00 -> -" in table

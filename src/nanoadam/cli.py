@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--rerun-slower-than", type=_positive_float, metavar="FACTOR",
                          help="first rerun every finished run whose median step took more than FACTOR times the "
                               "fastest run of the same task, optimizer and phase (a machine disturbed by other work)")
+    compare.add_argument("--retime-finals", type=_task_list, metavar="TASKS",
+                         help="first rerun every final run of these tasks, optimizers taking turns (for grids "
+                              "run one optimizer after another, whose step times carry the machine's drift)")
     _add_common_glue_args(compare)
 
     reproduce = commands.add_parser("reproduce", help="the paper's analyses, each writing tables, figures and JSON")
@@ -283,11 +286,12 @@ def _compare(args) -> int:
     config = CompareConfig(tasks=tasks, optimizers=args.optimizers or available_optimizers(), budget=args.budget,
                            seeds=args.seeds, model=args.model, data_dir=args.data_dir, out=str(out),
                            lora_r=args.lora_r if args.peft == "lora" else None, threads=args.threads)
-    if args.rerun_slower_than:
-        from .experiments.compare import retime
+    from .experiments.compare import retime, retime_finals
 
-        for moved in retime(out, args.rerun_slower_than):
-            print(f"rerunning {moved['run']} (median step {moved['old_median_step_s']:.3f} s)", file=sys.stderr)
+    moved = retime(out, args.rerun_slower_than) if args.rerun_slower_than else []
+    moved += retime_finals(out, args.retime_finals) if args.retime_finals else []
+    for run in moved:
+        print(f"rerunning {run['run']} (median step {run['old_median_step_s']:.3f} s)", file=sys.stderr)
     with tqdm(desc="compare", unit="run") as bar:
         def progress(done, total, path):
             bar.total = total

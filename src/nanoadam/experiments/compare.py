@@ -193,13 +193,24 @@ def slow_runs(out: Path, factor: float) -> list[Path]:
 def retime(out: Path, factor: float) -> list[dict]:
     """Moves slow runs (see ``slow_runs``) aside so that the next ``run_compare`` reruns them;
     returns what was moved, with the old timing and score, for the record."""
+    return _set_aside(out, slow_runs(out, factor))
+
+
+def _set_aside(out: Path, paths: list[Path]) -> list[dict]:
     moved = []
-    for path in slow_runs(out, factor):
+    for path in paths:
         run = json.loads(path.read_text())
         moved.append({"run": str(path.relative_to(out)), "old_median_step_s": run["median_step_s"],
                       "old_score": run["score"]})
         path.replace(path.with_name(path.name + ".slow"))
     return moved
+
+
+def retime_finals(out: Path, tasks: list[str]) -> list[dict]:
+    """Moves every final run of ``tasks`` aside (as ``retime`` does) so that the next
+    ``run_compare`` reruns them with optimizers taking turns: for grids first run one optimizer
+    after another, whose step times then carry the machine's drift over the task."""
+    return _set_aside(out, [p for task in tasks for p in sorted(out.glob(f"runs/{task}/*/final-*.json"))])
 
 
 def run_compare(config: CompareConfig, execute=None, progress=None) -> dict:

@@ -38,6 +38,14 @@ def glue_table(summary: dict) -> str:
         lines += ["", f"{summary['finished_runs']} finished runs (tuning and final); their training loops took "
                   f"{summary['train_seconds_total'] / 3600:.2f} h in all (loading, tokenizing and evaluation "
                   "not included)."]
+    if summary.get("retimed"):
+        lines += ["", "Reran for timing (the first run's step time was disturbed or confounded with run order); "
+                  "the table uses the rerun. Median step time and score, first run -> rerun:", ""]
+        for r in summary["retimed"]:
+            new_time = f"{r['new_median_step_s']:.3f} s" if r["new_median_step_s"] is not None else "not rerun"
+            new_score = f"{100 * r['new_score']:.2f}" if r["new_score"] is not None else "-"
+            lines.append(f"- {r['run']}: {r['old_median_step_s']:.3f} s -> {new_time}; "
+                         f"score {100 * r['old_score']:.2f} -> {new_score}")
     lines += ["", "Learning rates chosen on the held-out slice (held-out score per grid value):", ""]
     for t in tasks:
         chosen = "; ".join(f"{o} **{cells[t][o]['lr']:g}** ({_grid_scores(cells[t][o]['tuning'])})"
