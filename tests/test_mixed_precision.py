@@ -5,24 +5,38 @@ import torch
 from torch import nn
 
 from nanoadam import NanoAdam, param_groups
-from nanoadam.functional import stochastic_round_bf16
+from nanoadam.rounding import hash32, salt, stochastic_round_bf16
+
+
+def noise(n, seed):
+    return hash32(torch.arange(n), salt(seed, 1, 1)) & 0xFFFF
 
 
 def test_stochastic_rounding_is_unbiased_and_picks_a_neighbour():
-    lo = torch.tensor(1.0)
     ulp = 2.0**-7  # bf16 spacing at 1.0
     x = torch.full((40_000,), 1.0 + 0.3 * ulp)
-    rounded = stochastic_round_bf16(x, torch.Generator().manual_seed(0)).float()
+    rounded = stochastic_round_bf16(x, noise(x.numel(), 0)).float()
     assert set(rounded.unique().tolist()) == {1.0, 1.0 + ulp}
     mean_error = (rounded.mean() - x[0]).item()
     standard_error = ulp * (0.3 * 0.7 / x.numel()) ** 0.5
     assert abs(mean_error) < 4 * standard_error
-    negative = stochastic_round_bf16(-x, torch.Generator().manual_seed(1)).float()
+    negative = stochastic_round_bf16(-x, noise(x.numel(), 1)).float()
     assert abs((negative.mean() + x[0]).item()) < 4 * standard_error
     special = torch.tensor([float("inf"), float("-inf"), float("nan"), 0.0])
-    out = stochastic_round_bf16(special, torch.Generator().manual_seed(2)).float()
+    out = stochastic_round_bf16(special, noise(4, 2)).float()
     assert out[0] == float("inf") and out[1] == float("-inf") and out[2].isnan() and out[3] == 0
-    assert lo.item() == 1.0
+
+
+def test_the_hash_is_uniform_and_differs_between_salts():
+    h = hash32(torch.arange(1 << 16), salt(0, 1, 1))
+    assert int(h.min()) >= 0 and int(h.max()) < 1 << 32
+    low = (h & 0xFFFF).float() / 65536
+    assert abs(low.mean().item() - 0.5) < 0.01 and abs(low.var().item() - 1 / 12) < 0.005
+    other = hash32(torch.arange(1 << 16), salt(0, 2, 1))
+    assert (h == other).float().mean() < 0.001
+    # 64-bit positions: entries beyond 2**32 hash apart from those below
+    far = hash32(torch.arange(1 << 16) + (1 << 32), salt(0, 1, 1))
+    assert (h == far).float().mean() < 0.001
 
 
 @pytest.mark.parametrize("sparse", [True, False])

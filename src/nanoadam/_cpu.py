@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-_ABI_VERSION = 2
+_ABI_VERSION = 3
 
 
 class UpdateTask(ctypes.Structure):
@@ -25,21 +25,21 @@ class UpdateTask(ctypes.Structure):
         ("index", ctypes.c_void_p),
         ("exp_avg", ctypes.c_void_p),
         ("exp_avg_sq", ctypes.c_void_p),
+        ("cohort_table", ctypes.c_void_p),
         ("numel", ctypes.c_int64),
         ("chunk_size", ctypes.c_int64),
         ("k", ctypes.c_int64),
         ("k_last", ctypes.c_int64),
+        ("offset", ctypes.c_int64),
         ("index_bytes", ctypes.c_int32),
         ("state_bytes", ctypes.c_int32),
+        ("position_bits", ctypes.c_int32),
+        ("salt", ctypes.c_uint32),
         ("decay", ctypes.c_float),
         ("one_minus_beta1", ctypes.c_float),
         ("beta2", ctypes.c_float),
         ("one_minus_beta2", ctypes.c_float),
         ("eps", ctypes.c_float),
-        ("step_size", ctypes.c_float),
-        ("bias_correction2_sqrt", ctypes.c_float),
-        ("new_m_scale", ctypes.c_float),
-        ("new_v_scale", ctypes.c_float),
     ]
 
 
@@ -54,17 +54,24 @@ class RefreshTask(ctypes.Structure):
         ("old_exp_avg_sq", ctypes.c_void_p),
         ("old_k", ctypes.c_int64),
         ("old_k_last", ctypes.c_int64),
-        ("old_index_bytes", ctypes.c_int32),
-        ("key_source", ctypes.c_int32),
         ("index", ctypes.c_void_p),
         ("exp_avg", ctypes.c_void_p),
         ("exp_avg_sq", ctypes.c_void_p),
         ("k", ctypes.c_int64),
         ("k_last", ctypes.c_int64),
+        ("offset", ctypes.c_int64),
+        ("old_index_bytes", ctypes.c_int32),
         ("index_bytes", ctypes.c_int32),
         ("state_bytes", ctypes.c_int32),
+        ("position_bits", ctypes.c_int32),
+        ("key_source", ctypes.c_int32),
         ("filter_with_old_mask", ctypes.c_int32),
-        ("pad_", ctypes.c_int32),
+        ("newborn", ctypes.c_int32),
+        ("merge_young", ctypes.c_int32),
+        ("merge_old", ctypes.c_int32),
+        ("merge_m_factor", ctypes.c_float),
+        ("merge_v_factor", ctypes.c_float),
+        ("merge_salt", ctypes.c_uint32),
     ]
 
 
@@ -80,30 +87,44 @@ def _library_path() -> Path | None:
     return None
 
 
+def disabled_by_user() -> bool:
+    return os.environ.get("NANOADAM_DISABLE_CPU_KERNELS", "") not in ("", "0")
+
+
 @functools.cache
-def _library() -> ctypes.CDLL | None:
-    if os.environ.get("NANOADAM_DISABLE_CPU_KERNELS", "") not in ("", "0"):
-        return None
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    """The library and a few words on its state."""
+    if disabled_by_user():
+        return None, "disabled by NANOADAM_DISABLE_CPU_KERNELS"
     path = _library_path()
     if path is None:
-        return None
+        return None, "not built: no C++ compiler was found when nanoadam was installed"
     try:
         lib = ctypes.CDLL(str(path))
-    except OSError:
-        return None
+    except OSError as error:
+        return None, f"{path.name} failed to load: {error}"
     lib.nano_abi_version.restype = ctypes.c_int32
     if lib.nano_abi_version() != _ABI_VERSION:
-        return None
+        return None, f"{path.name} is from another version of nanoadam (reinstall it)"
     lib.nano_sparse_adamw.argtypes = [ctypes.POINTER(UpdateTask), ctypes.c_int64, ctypes.c_int32]
     lib.nano_sparse_adamw.restype = None
     lib.nano_refresh.argtypes = [ctypes.POINTER(RefreshTask), ctypes.c_int64, ctypes.c_int32]
     lib.nano_refresh.restype = None
-    return lib
+    return lib, f"loaded from {path}"
+
+
+def _library() -> ctypes.CDLL | None:
+    return _load()[0]
 
 
 def available() -> bool:
     """True when the compiled CPU kernels are installed and loadable."""
     return _library() is not None
+
+
+def status() -> str:
+    """Whether the kernels are in use, and if not, why."""
+    return _load()[1]
 
 
 def sparse_adamw(tasks: list[UpdateTask]) -> None:

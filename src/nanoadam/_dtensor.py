@@ -50,3 +50,26 @@ def state_dtensor(p, row: torch.Tensor, length: int):
 def local_row(t, kept: int) -> torch.Tensor:
     """The first ``kept`` entries of this rank's row: a view, updates write through."""
     return t.to_local().view(-1)[:kept]
+
+
+def replace_local(t, local_tensor: torch.Tensor):
+    """``t`` with its local tensor replaced (same mesh and placements); plain tensors pass through."""
+    if not is_dtensor(t):
+        return local_tensor
+    return DTensor.from_local(local_tensor, t.device_mesh, t.placements, run_check=False)
+
+
+def global_offset(p) -> int:
+    """Flat position, in the whole tensor, of the first entry of this rank's shard (0 for plain
+    tensors). Exact for shards along dim 0 (FSDP2), where a shard is one contiguous range; for
+    other placements it is the position of the shard's first entry."""
+    if not is_dtensor(p):
+        return 0
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offsets = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    stride, flat = 1, 0
+    for size, off in zip(reversed(p.shape), reversed(offsets)):
+        flat += off * stride
+        stride *= size
+    return int(flat)

@@ -1,42 +1,48 @@
 """The NanoAdam math on flat tensors: the sparse AdamW update and the mask refresh.
 
-Each operation has a reference implementation in eager PyTorch (``_single_tensor_*``, loop-free
-over entries and chunks, any device and dtype) and a fused CPU kernel (``_fused_*``, one pass in
-C++ over many tensors). ``fused=None`` picks the kernel wherever it applies (CPU, float32
-parameters, contiguous plain tensors, compiled library present) and the reference elsewhere;
-``fused=False`` forces the reference. Both produce the same masks exactly and the same update up
-to float rounding; ``tests/test_functional.py`` holds them to that.
+Each operation has a reference implementation in eager PyTorch (``_reference_*``, loop-free over
+entries and chunks, any device and dtype) and fused kernels: C++ on the CPU (``nanoadam._cpu``),
+Triton on CUDA (``nanoadam.triton_kernels``). :func:`implementation` is the one place that picks
+among them, per tensor; ``fused=False`` forces the reference, ``fused=True`` requires a kernel
+(the optimizer checks that with :func:`fused_applies` before anything changes). All paths produce
+the same masks, cohorts and random numbers exactly and the same update up to float rounding;
+``tests/test_functional.py`` and ``tests/test_triton.py`` hold them to that.
 
-Moments of newly selected entries. A refresh keeps the moments of entries that stay selected and
-starts newly selected ones from zero. Their first update is bias-corrected for their own age (1),
-which makes it exactly Adam's first step, of size ``lr * |g| / (|g| + eps) <= lr``; the optimizer-
-wide bias correction with the parameter's step ``t`` would instead blow it up by
-``sqrt(1 - b2^t) / (1 - b1^t) / (sqrt(1 - b2) / (1 - b1))`` (about 3.2x for the default betas at
-large ``t``). To need no per-entry age afterwards, the new entry's moments are stored on the
-optimizer-wide scale from then on: before the usual update they are set to
-``m = (1 - b1^(t-1)) g`` and ``v = (1 - b2^(t-1)) g^2``, the moments a constant gradient ``g``
-would have built over the previous ``t - 1`` steps. At ``t = 1`` this is the zero start of Adam, so
-``density=1`` is AdamW step for step. The rule is per entry, so it does not depend on how a tensor
-is split into chunks or shards.
+Per-entry bias correction. Every kept entry belongs to a refresh *cohort* (``nanoadam.cohorts``),
+named in the spare bits of its stored index; its moments are plain Adam moments counted from the
+step its cohort was selected, and the update corrects them with its cohort's age
+(:class:`UpdateTerms` carries ``lr / (1 - beta1^a)`` and ``sqrt(1 - beta2^a)`` per cohort). A newly
+selected entry starts from zero moments in the newest cohort, so it takes exactly Adam's first
+step and keeps moving like a fresh Adam afterwards.
 
-Division of work: a refresh only chooses entries and moves moments; it marks each newly selected
-entry with ``exp_avg = 0, exp_avg_sq = NEW_ENTRY`` (-1, never a second moment), and the update,
-which reads the gradient anyway, gives marked entries their first moments. So the refresh never
-touches the gradient (except for ``selection="large_gradients"``), and a mask refresh is always
-followed by an update in the same step.
+bf16 moments are stored with stochastic rounding (``nanoadam.rounding``): with round to nearest a
+bf16 ``exp_avg_sq`` never decays at ``beta2 = 0.999``. The random bits are a hash of a per-step
+salt and the entry's global position, identical in every path.
+
+A refresh only chooses entries and moves moments (and merges two cohorts when the table is full);
+it never reads the gradient, except for ``selection="large_gradients"``.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import torch
 from torch.optim.adamw import adamw as _torch_adamw
 
 from . import _cpu
-from .selection import ChunkLayout, chunk_bottomk, global_positions, random_keys, selection_keys
-
-NEW_ENTRY = -1.0
+from .cohorts import Merge
+from .rounding import hash32, round_to
+from .selection import (
+    ChunkLayout,
+    chunk_bottomk,
+    cohort_ids,
+    global_positions,
+    pack_index,
+    random_keys,
+    selection_keys,
+)
 
 
 class Mask(NamedTuple):
@@ -48,13 +54,43 @@ class Mask(NamedTuple):
     layout: ChunkLayout
 
 
+class UpdateTerms(NamedTuple):
+    """What one tensor's update needs beyond the hyperparameters, at this step."""
+
+    step_sizes: list[float]  # per cohort: lr / (1 - beta1^age)
+    bc2_sqrt: list[float]  # per cohort: sqrt(1 - beta2^age)
+    moment_salt: int  # stochastic rounding of bf16 moments
+    param_salt: int | None  # stochastic rounding of bf16 weights; None: round to nearest
+    offset: int  # global flat position of the tensor's first local entry (FSDP2 shards)
+
+
+class RefreshTerms(NamedTuple):
+    """What one tensor's refresh needs beyond the selection rule."""
+
+    newborn: int  # cohort of newly selected entries
+    merge: Merge | None  # cohorts merged at this refresh
+    merge_salt: int  # stochastic rounding of moments rescaled by the merge
+    random_salt: int  # keys of selection="random"
+    offset: int
+
+
+# ------------------------------------------------------------------------------------------------
+# Which implementation serves a tensor
+# ------------------------------------------------------------------------------------------------
+
+REFERENCE, CPU_KERNEL, TRITON = "reference", "cpu", "triton"
+_TRITON_DEVICES = ("cuda",)
+_TRITON_BROKEN: list[str] = []  # the first Triton failure in this process (then: reference path)
+
+
 def _is_plain(t: torch.Tensor) -> bool:
     return type(t) in (torch.Tensor, torch.nn.Parameter)
 
 
-def _kernel_ok(param: torch.Tensor, grad: torch.Tensor, state_dtype: torch.dtype) -> bool:
+def _cpu_kernel_ok(param: torch.Tensor, grad: torch.Tensor, state_dtype: torch.dtype, selection: str | None) -> bool:
     return (
-        param.device.type == "cpu"
+        _cpu.available()
+        and param.device.type == "cpu"
         and param.dtype == torch.float32
         and grad.dtype == torch.float32
         and state_dtype in (torch.float32, torch.bfloat16)
@@ -62,18 +98,56 @@ def _kernel_ok(param: torch.Tensor, grad: torch.Tensor, state_dtype: torch.dtype
         and _is_plain(grad)
         and param.is_contiguous()
         and grad.is_contiguous()
+        and (selection is None or selection in _cpu.KEY_SOURCES)
     )
 
 
+def _triton_module():
+    """``nanoadam.triton_kernels`` when it can run here (Triton imported on first use), else None."""
+    if _TRITON_BROKEN:
+        return None
+    from . import triton_kernels
+
+    return triton_kernels if triton_kernels.triton_available() else None
+
+
+def _triton_ok(param: torch.Tensor, grad: torch.Tensor, state_dtype: torch.dtype) -> bool:
+    if param.device.type not in _TRITON_DEVICES or (tk := _triton_module()) is None:
+        return False
+    return tk.tensor_applies(param, grad, state_dtype)
+
+
+def implementation(param: torch.Tensor, grad: torch.Tensor, state_dtype: torch.dtype, selection: str | None,
+                   fused: bool | None) -> str:
+    """``REFERENCE``, ``CPU_KERNEL`` or ``TRITON``: which code updates and refreshes this tensor
+    (``selection=None``: the update alone)."""
+    if fused is False:
+        return REFERENCE
+    if _triton_ok(param, grad, state_dtype):
+        return TRITON
+    if _cpu_kernel_ok(param, grad, state_dtype, selection):
+        return CPU_KERNEL
+    return REFERENCE
+
+
 def fused_applies(param: torch.Tensor, grad: torch.Tensor, group: dict) -> bool:
-    """Whether a fused kernel (CPU, or Triton on CUDA) can serve this parameter under this group's settings."""
-    if param.device.type in _TRITON_DEVICES:
-        return _triton_kernels() is not None and _is_plain(param)
-    return _cpu.available() and _kernel_ok(param, grad, group["state_dtype"]) and group["selection"] in _cpu.KEY_SOURCES
+    """Whether a fused kernel can serve this parameter under this group's settings."""
+    return implementation(param, grad, group["state_dtype"], group["selection"], None) != REFERENCE
 
 
-def _bias_corrections(step: float, beta1: float, beta2: float) -> tuple[float, float]:
-    return 1 - beta1**step, (1 - beta2**step) ** 0.5
+def triton_failure(error: BaseException) -> None:
+    """Records that Triton failed to compile or launch: one warning, then the reference path."""
+    if not _TRITON_BROKEN:
+        _TRITON_BROKEN.append(repr(error))
+        warnings.warn(f"NanoAdam's Triton kernels failed ({error!r}); using the eager PyTorch path from now on",
+                      RuntimeWarning, stacklevel=3)
+
+
+def _by_implementation(impls: list[str]) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {REFERENCE: [], CPU_KERNEL: [], TRITON: []}
+    for i, impl in enumerate(impls):
+        out[impl].append(i)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -85,112 +159,85 @@ def sparse_adamw(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
     masks: list[Mask],
-    steps: list[float],
+    terms: list[UpdateTerms],
+    impls: list[str],
     *,
     lr: float,
     beta1: float,
     beta2: float,
     eps: float,
     weight_decay: float,
-    fused: bool | None = None,
-    rounding_seeds: list[int] | None = None,
 ) -> None:
-    """AdamW with decoupled weight decay on the kept entries of each tensor, in place.
-
-    ``steps[i]`` is tensor ``i``'s step count including this step. Entries outside the mask are
-    not read for the update and stay bitwise unchanged. Math is float32 whatever the parameter
-    dtype. With ``rounding_seeds`` (one per tensor), updated bfloat16 weights are written with
-    stochastic rounding (reference path), so that updates smaller than half a bf16 step are not
-    lost on average.
-    """
+    """AdamW with decoupled weight decay on the kept entries of each tensor, in place, each entry
+    bias-corrected for its cohort's age. Entries outside the mask are not read and stay bitwise
+    unchanged. Math is float32 whatever the parameter dtype; bf16 moments (and, with
+    ``terms[i].param_salt``, bf16 weights) are written with stochastic rounding."""
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
-    if rounding_seeds is not None:
-        stochastic = [i for i, p in enumerate(params) if p.dtype == torch.bfloat16]
-        for i in stochastic:
-            _single_tensor_sparse_adamw(params[i], grads[i], masks[i], steps[i], rounding_seed=rounding_seeds[i],
-                                        **hyper)
-        rest = [i for i in range(len(params)) if i not in set(stochastic)]
-        params, grads, masks, steps = ([x[i] for i in rest] for x in (params, grads, masks, steps))
-    if fused is not False:  # CUDA tensors: the Triton kernel (section "CUDA dispatch" below)
-        n = len(params)
-        params, grads, masks, steps = _triton_sparse_adamw(params, grads, masks, steps, hyper)
-        if n and not params:  # all served
-            return
-    fast, slow = _split(params, grads, masks, fused, lambda p, g, m: _kernel_ok(p, g, m.exp_avg.dtype))
-    if fast:
-        _fused_sparse_adamw(*zip(*[(params[i], grads[i], masks[i], steps[i]) for i in fast]), **hyper)
-    for i in slow:
-        _single_tensor_sparse_adamw(params[i], grads[i], masks[i], steps[i], **hyper)
+    by = _by_implementation(impls)
+    if by[TRITON]:
+        from . import triton_kernels as tk
 
-
-def _split(params, grads, masks, fused, eligible, *extra) -> tuple[list[int], list[int]]:
-    """Indices for the fused kernel and for the reference path."""
-    if fused is False or not _cpu.available():
-        if fused:
-            raise RuntimeError("fused=True needs the compiled CPU kernels, which are not installed")
-        return [], list(range(len(params)))
-    ok = [eligible(*args) for args in zip(params, grads, masks, *extra)]
-    if fused and not all(ok):
-        raise RuntimeError("fused=True needs contiguous float32 CPU tensors with bf16 or float32 moments "
-                           "(and a selection other than 'random')")
-    return [i for i, k in enumerate(ok) if k], [i for i, k in enumerate(ok) if not k]
+        pick = by[TRITON]
+        try:
+            tk.sparse_adamw_triton(*([x[i] for i in pick] for x in (params, grads, masks, terms)), **hyper)
+        except Exception as error:  # a compile or launch failure must not end the user's training
+            triton_failure(error)
+            by[REFERENCE] += pick
+    if by[CPU_KERNEL]:
+        _cpu_sparse_adamw(*([x[i] for i in by[CPU_KERNEL]] for x in (params, grads, masks, terms)), **hyper)
+    for i in by[REFERENCE]:
+        _reference_sparse_adamw(params[i], grads[i], masks[i], terms[i], **hyper)
 
 
 def _flat(param: torch.Tensor) -> torch.Tensor:
     return param.view(-1) if param.is_contiguous() else param.reshape(-1)
 
 
-def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """float32 -> bfloat16, rounding up with probability equal to the fraction cut off: adds a
-    uniform random integer below 2^16 to the bits and truncates. Unbiased; inf and NaN pass through."""
-    bits = x.float().contiguous().view(torch.int32)
-    noise = torch.randint(0, 1 << 16, x.shape, generator=generator, dtype=torch.int32, device="cpu").to(x.device)
-    rounded = ((bits + noise) & ~0xFFFF).view(torch.float32)
-    return torch.where(torch.isfinite(x), rounded, x).to(torch.bfloat16)
+def moment_noise(at: torch.Tensor, salt_value: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """16-bit rounding noise for exp_avg and exp_avg_sq at flat positions ``at``."""
+    h = hash32(at + offset, salt_value)
+    return h & 0xFFFF, h >> 16
 
 
-def _single_tensor_sparse_adamw(param, grad, mask: Mask, step, *, lr, beta1, beta2, eps, weight_decay,
-                                rounding_seed: int | None = None):
+def _reference_sparse_adamw(param, grad, mask: Mask, terms: UpdateTerms, *, lr, beta1, beta2, eps, weight_decay):
     flat = _flat(param)
-    at = global_positions(mask.index, mask.layout)
+    lay = mask.layout
+    at = global_positions(mask.index, lay)
+    cohort = cohort_ids(mask.index, lay)
+    step_size = torch.tensor(terms.step_sizes, dtype=torch.float32, device=at.device)[cohort]
+    bc2_sqrt = torch.tensor(terms.bc2_sqrt, dtype=torch.float32, device=at.device)[cohort]
     w = flat[at].float()
     g = grad.reshape(-1)[at].float()
     m = mask.exp_avg.float()
     v = mask.exp_avg_sq.float()
-    fresh = v < 0
-    if fresh.any():
-        m_scale, v_scale = new_entry_scales(step, beta1, beta2)
-        m = torch.where(fresh, g * m_scale, m)
-        v = torch.where(fresh, (g * v_scale) * g, v)
-    # The operation order of torch.optim.AdamW's single-tensor path.
+    # The operations of torch.optim.AdamW's single-tensor path, with per-entry bias corrections
+    # (``w + (-step_size * m) / denom`` rounds as ``addcdiv_`` does).
     w.mul_(1 - lr * weight_decay)
     m.lerp_(g, 1 - beta1)
     v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    bias_correction1, bias_correction2_sqrt = _bias_corrections(step, beta1, beta2)
-    denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
-    w.addcdiv_(m, denom, value=-lr / bias_correction1)
-    if rounding_seed is not None and flat.dtype == torch.bfloat16:
-        w = stochastic_round_bf16(w, torch.Generator().manual_seed(rounding_seed))
+    denom = (v.sqrt() / bc2_sqrt).add_(eps)
+    w = w + (step_size.neg() * m) / denom
+    if flat.dtype == torch.bfloat16 and terms.param_salt is not None:
+        w = round_to(w, torch.bfloat16, hash32(at + terms.offset, terms.param_salt) & 0xFFFF)
     flat.index_copy_(0, at, w.to(flat.dtype))
     if flat.data_ptr() != param.data_ptr() or not param.is_contiguous():
         param.copy_(flat.view_as(param))
-    mask.exp_avg.copy_(m)
-    mask.exp_avg_sq.copy_(v)
+    noise_m, noise_v = moment_noise(at, terms.moment_salt, terms.offset)
+    mask.exp_avg.copy_(round_to(m, mask.exp_avg.dtype, noise_m))
+    mask.exp_avg_sq.copy_(round_to(v, mask.exp_avg_sq.dtype, noise_v))
 
 
-def _fused_sparse_adamw(params, grads, masks, steps, *, lr, beta1, beta2, eps, weight_decay):
+def _cpu_sparse_adamw(params, grads, masks, terms, *, lr, beta1, beta2, eps, weight_decay):
+    tables = torch.tensor([t.step_sizes + t.bc2_sqrt for t in terms], dtype=torch.float32)
     tasks = []
-    for p, g, mask, step in zip(params, grads, masks, steps):
-        bias_correction1, bias_correction2_sqrt = _bias_corrections(step, beta1, beta2)
-        m_scale, v_scale = new_entry_scales(step, beta1, beta2)
+    for i, (p, g, mask, term) in enumerate(zip(params, grads, masks, terms)):
         lay = mask.layout
         tasks.append(
             _cpu.UpdateTask(
                 p.data_ptr(), g.data_ptr(), mask.index.data_ptr(), mask.exp_avg.data_ptr(),
-                mask.exp_avg_sq.data_ptr(), lay.numel, lay.chunk_size, lay.k, lay.k_last,
-                mask.index.element_size(), mask.exp_avg.element_size(), 1 - lr * weight_decay,
-                1 - beta1, beta2, 1 - beta2, eps, lr / bias_correction1, bias_correction2_sqrt,
-                m_scale, v_scale,
+                mask.exp_avg_sq.data_ptr(), tables[i].data_ptr(), lay.numel, lay.chunk_size, lay.k, lay.k_last,
+                term.offset, mask.index.element_size(), mask.exp_avg.element_size(), lay.position_bits,
+                term.moment_salt, 1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, eps,
             )
         )
     _cpu.sparse_adamw(tasks)
@@ -201,83 +248,99 @@ def _fused_sparse_adamw(params, grads, masks, steps, *, lr, beta1, beta2, eps, w
 # ------------------------------------------------------------------------------------------------
 
 
-def new_entry_scales(step: float, beta1: float, beta2: float) -> tuple[float, float]:
-    """``(1 - b1^(t-1), 1 - b2^(t-1))``: see the module docstring."""
-    return 1 - beta1 ** (step - 1), 1 - beta2 ** (step - 1)
-
-
 def refresh_masks(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
     old_masks: list[Mask | None],
     layouts: list[ChunkLayout],
+    terms: list[RefreshTerms],
+    impls: list[str],
     *,
     selection: str,
     state_dtype: torch.dtype,
-    seeds: list[int],
-    fused: bool | None = None,
 ) -> list[Mask]:
     """New masks for ``params``: per chunk, the ``k`` entries chosen by ``selection`` (ties to the
-    lower position). Entries kept before and after keep their moments; new ones are marked for
-    the update that must follow (module docstring). ``grads`` are read only for
-    ``selection="large_gradients"``, ``seeds`` only for ``selection="random"``. A mask whose
-    layout is unchanged may be refreshed in place."""
-
-    def eligible(p, g, old, lay):
-        return (
-            selection in _cpu.KEY_SOURCES
-            and _kernel_ok(p, g, state_dtype)
-            and (old is None or (old.layout.chunk_size == lay.chunk_size and old.exp_avg.dtype == state_dtype))
-        )
-
-    if fused is not False:  # CUDA tensors: the Triton bottom-k (section "CUDA dispatch" below)
-        served = _triton_refresh(params, grads, old_masks, layouts, selection, state_dtype, seeds)
-        if served:
-            rest = [i for i in range(len(params)) if i not in served]
-            if rest:
-                pick = [[x[i] for i in rest] for x in (params, grads, old_masks, layouts, seeds)]
-                masks = refresh_masks(*pick[:4], selection=selection, state_dtype=state_dtype, seeds=pick[4],
-                                      fused=fused)
-                served.update(zip(rest, masks))
-            return [served[i] for i in range(len(params))]
-    fast, slow = _split(params, grads, old_masks, fused, eligible, layouts)
+    lower position). Entries kept before and after keep their moments and cohort (those of the
+    cohort ``terms[i].merge`` retires join the older one, rescaled); new ones start from zero
+    moments in cohort ``terms[i].newborn``. ``grads`` are read only for
+    ``selection="large_gradients"``. A mask whose layout is unchanged may be refreshed in place."""
     out: list[Mask | None] = [None] * len(params)
-    if fast:
-        picked = [(params[i], grads[i], old_masks[i], layouts[i]) for i in fast]
-        for i, mask in zip(fast, _fused_refresh(*zip(*picked), selection=selection, state_dtype=state_dtype)):
+    by = _by_implementation(impls)
+    if by[TRITON]:
+        from . import triton_kernels as tk
+
+        pick = by[TRITON]
+        try:
+            masks = tk.refresh_triton(*([x[i] for i in pick] for x in (params, grads, old_masks, layouts, terms)),
+                                      selection=selection, state_dtype=state_dtype)
+            for i, mask in zip(pick, masks):
+                out[i] = mask
+        except Exception as error:
+            triton_failure(error)
+            by[REFERENCE] += pick
+    cpu = [i for i in by[CPU_KERNEL] if _cpu_refresh_ok(old_masks[i], layouts[i], state_dtype)]
+    if cpu:
+        picked = [(params[i], grads[i], old_masks[i], layouts[i], terms[i]) for i in cpu]
+        for i, mask in zip(cpu, _cpu_refresh(*zip(*picked), selection=selection, state_dtype=state_dtype)):
             out[i] = mask
-    for i in slow:
-        out[i] = _single_tensor_refresh(params[i], grads[i], old_masks[i], layouts[i], selection=selection,
-                                        state_dtype=state_dtype, seed=seeds[i])
+    for i in by[REFERENCE] + [i for i in by[CPU_KERNEL] if i not in set(cpu)]:
+        out[i] = _reference_refresh(params[i], grads[i], old_masks[i], layouts[i], terms[i], selection=selection,
+                                    state_dtype=state_dtype)
     return out
 
 
-def _single_tensor_refresh(param, grad, old: Mask | None, layout, *, selection, state_dtype, seed):
+def _cpu_refresh_ok(old: Mask | None, layout: ChunkLayout, state_dtype: torch.dtype) -> bool:
+    return old is None or (old.layout.chunk_size == layout.chunk_size and old.exp_avg.dtype == state_dtype)
+
+
+def selection_index(param, grad, layout: ChunkLayout, terms: RefreshTerms, selection: str) -> torch.Tensor:
+    """The reference choice: in-chunk positions (no cohort bits) of the kept entries."""
     if selection == "random":
-        keys = random_keys(layout.numel, seed, param.device)
+        keys = random_keys(layout.numel, terms.random_salt, terms.offset, param.device)
     else:
         keys = selection_keys(grad if selection == "large_gradients" else param, selection)
-    return carry_moments(chunk_bottomk(keys, layout), layout, old, state_dtype)
+    return chunk_bottomk(keys, layout)
 
 
-def carry_moments(index: torch.Tensor, layout: ChunkLayout, old: Mask | None, state_dtype: torch.dtype) -> Mask:
-    """The mask ``index`` with moments: those of entries the old mask kept too, NEW_ENTRY marks
-    for the others (kept positions are globally ascending, so a sorted search matches them)."""
-    at = global_positions(index, layout)
-    m = torch.zeros(layout.kept, device=index.device)
-    v = torch.full((layout.kept,), NEW_ENTRY, device=index.device)
-    if old is not None:
+def _reference_refresh(param, grad, old: Mask | None, layout, terms: RefreshTerms, *, selection, state_dtype):
+    return carry_moments(selection_index(param, grad, layout, terms, selection), layout, old, state_dtype, terms)
+
+
+def carry_moments(pos: torch.Tensor, layout: ChunkLayout, old: Mask | None, state_dtype: torch.dtype,
+                  terms: RefreshTerms) -> Mask:
+    """The mask of in-chunk positions ``pos`` with cohorts and moments: those of entries the old
+    mask kept too (kept positions are globally ascending, so a sorted search matches them), after
+    ``terms.merge``; zero moments in cohort ``terms.newborn`` for the others."""
+    at = global_positions(pos, layout)
+    device = at.device
+    m = torch.zeros(layout.kept, device=device)
+    v = torch.zeros(layout.kept, device=device)
+    cohort = torch.full((layout.kept,), terms.newborn, dtype=torch.int64, device=device)
+    if old is not None and old.layout.kept and layout.kept:
         old_at = global_positions(old.index, old.layout)
         j = torch.searchsorted(old_at, at).clamp_(max=old_at.numel() - 1)
         kept = old_at[j] == at
-        m = torch.where(kept, old.exp_avg[j].float(), m)
-        v = torch.where(kept, old.exp_avg_sq[j].float(), v)
-    return Mask(index, m.to(state_dtype), v.to(state_dtype), layout)
+        old_m, old_v = old.exp_avg[j].float(), old.exp_avg_sq[j].float()
+        old_cohort = cohort_ids(old.index, old.layout)[j]
+        merge = terms.merge
+        if merge is not None:
+            joins = old_cohort == merge.young
+            old_m = torch.where(joins, old_m * merge.m_factor, old_m)
+            old_v = torch.where(joins, old_v * merge.v_factor, old_v)
+            old_cohort = torch.where(joins, merge.old, old_cohort)
+        m = torch.where(kept, old_m, m)
+        v = torch.where(kept, old_v, v)
+        cohort = torch.where(kept, old_cohort, cohort)
+    # bf16 moments that a merge rescaled round stochastically; the others are bf16 values already,
+    # which the rounding leaves exactly as they are.
+    noise_m, noise_v = moment_noise(at, terms.merge_salt, terms.offset)
+    return Mask(pack_index(pos, cohort, layout), round_to(m, state_dtype, noise_m),
+                round_to(v, state_dtype, noise_v), layout)
 
 
-def _fused_refresh(params, grads, old_masks, layouts, *, selection, state_dtype):
+def _cpu_refresh(params, grads, old_masks, layouts, terms, *, selection, state_dtype):
     tasks, masks = [], []
-    for p, g, old, lay in zip(params, grads, old_masks, layouts):
+    for p, g, old, lay, term in zip(params, grads, old_masks, layouts, terms):
         if old is not None and old.layout == lay and old.exp_avg.dtype == state_dtype:
             index, m, v = old.index, old.exp_avg, old.exp_avg_sq  # refreshed in place
         else:
@@ -285,14 +348,17 @@ def _fused_refresh(params, grads, old_masks, layouts, *, selection, state_dtype)
             m = torch.empty(lay.kept, dtype=state_dtype)
             v = torch.empty(lay.kept, dtype=state_dtype)
         filter_ok = old is not None and old.layout.k >= lay.k and old.layout.k_last >= lay.k_last
+        merge = term.merge
         tasks.append(
             _cpu.RefreshTask(
                 p.data_ptr(), g.data_ptr(), lay.numel, lay.chunk_size,
                 old.index.data_ptr() if old else None, old.exp_avg.data_ptr() if old else None,
                 old.exp_avg_sq.data_ptr() if old else None, old.layout.k if old else -1,
-                old.layout.k_last if old else -1, old.index.element_size() if old else 2,
-                _cpu.KEY_SOURCES[selection], index.data_ptr(), m.data_ptr(), v.data_ptr(), lay.k,
-                lay.k_last, index.element_size(), m.element_size(), int(filter_ok), 0,
+                old.layout.k_last if old else -1, index.data_ptr(), m.data_ptr(), v.data_ptr(), lay.k,
+                lay.k_last, term.offset, old.index.element_size() if old else 2, index.element_size(),
+                m.element_size(), lay.position_bits, _cpu.KEY_SOURCES[selection], int(filter_ok), term.newborn,
+                merge.young if merge else -1, merge.old if merge else -1, merge.m_factor if merge else 1.0,
+                merge.v_factor if merge else 1.0, term.merge_salt,
             )
         )
         masks.append(Mask(index, m, v, lay))
@@ -301,57 +367,15 @@ def _fused_refresh(params, grads, old_masks, layouts, *, selection, state_dtype)
 
 
 # ------------------------------------------------------------------------------------------------
-# CUDA dispatch: the Triton kernels of nanoadam.triton_kernels serve CUDA tensors whenever
-# triton_kernels.triton_available() (Triton imports, CUDA is there) and fused is not False; the
-# CPU paths above are unchanged and fused=False still means the eager reference everywhere.
-# ------------------------------------------------------------------------------------------------
-
-_TRITON_DEVICES = ("cuda",)
-
-
-def _triton_kernels():
-    """The ``triton_kernels`` module when it can run here, else None (Triton imported on first use)."""
-    from . import triton_kernels
-
-    return triton_kernels if triton_kernels.triton_available() else None
-
-
-def _triton_sparse_adamw(params, grads, masks, steps, hyper):
-    """Runs the Triton update on the tensors it serves; returns the others' lists."""
-    if not any(p.device.type in _TRITON_DEVICES for p in params) or (tk := _triton_kernels()) is None:
-        return params, grads, masks, steps
-    ok = [p.device.type in _TRITON_DEVICES and _is_plain(p) and tk.update_applies(p, g, m)
-          for p, g, m in zip(params, grads, masks)]
-    if any(ok):
-        tk.sparse_adamw_triton(*([x[i] for i in range(len(ok)) if ok[i]] for x in (params, grads, masks, steps)),
-                               **hyper)
-    return tuple([x[i] for i in range(len(ok)) if not ok[i]] for x in (params, grads, masks, steps))
-
-
-def _triton_refresh(params, grads, old_masks, layouts, selection, state_dtype, seeds) -> dict[int, Mask]:
-    """New masks, by position in ``params``, for the tensors the Triton bottom-k serves."""
-    if not any(p.device.type in _TRITON_DEVICES for p in params) or (tk := _triton_kernels()) is None:
-        return {}
-    picked = [
-        i for i, (p, g, old) in enumerate(zip(params, grads, old_masks))
-        if p.device.type in _TRITON_DEVICES and _is_plain(p) and (selection != "large_gradients" or _is_plain(g))
-        and (old is None or old.index.device == p.device)
-    ]
-    masks = tk.refresh_triton(*([x[i] for i in picked] for x in (params, grads, old_masks, layouts)),
-                              selection=selection, state_dtype=state_dtype, seeds=[seeds[i] for i in picked])
-    return dict(zip(picked, masks))
-
-
-# ------------------------------------------------------------------------------------------------
 # Dense groups
 # ------------------------------------------------------------------------------------------------
 
 
 def dense_adamw(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps,
-                weight_decay, fused: bool | None = None, rounding_seeds: list[int] | None = None) -> None:
+                weight_decay, fused: bool | None = None, param_salts: list[int] | None = None) -> None:
     """Plain AdamW (torch's own kernels) for dense groups; increments ``state_steps``. Moments are
     float32; a parameter of lower precision is updated through a float32 copy and written back
-    (rounded to nearest, or stochastically with ``rounding_seeds``)."""
+    (rounded to nearest, or stochastically for bf16 with ``param_salts``)."""
     full = [i for i, p in enumerate(params) if p.dtype == torch.float32]
     low = [i for i, p in enumerate(params) if p.dtype != torch.float32]
     hyper = dict(amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps, maximize=False)
@@ -364,6 +388,8 @@ def dense_adamw(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1,
         master = params[i].detach().float()
         _torch_adamw([master], [grads[i].float()], [exp_avgs[i]], [exp_avg_sqs[i]], [], [state_steps[i]],
                      foreach=False, **hyper)
-        if rounding_seeds is not None and params[i].dtype == torch.bfloat16:
-            master = stochastic_round_bf16(master, torch.Generator().manual_seed(rounding_seeds[i]))
-        params[i].copy_(master)
+        noise = None
+        if param_salts is not None and params[i].dtype == torch.bfloat16:
+            at = torch.arange(master.numel(), device=master.device)
+            noise = (hash32(at, param_salts[i]) & 0xFFFF).view(master.shape)
+        params[i].copy_(round_to(master, params[i].dtype, noise))

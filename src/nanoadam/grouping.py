@@ -8,10 +8,17 @@ and peft's ``classifier.modules_to_save.default`` are heads, a transformer's ``m
 shared between a head and another module (tied embeddings) is dense. Normalization layers are
 found by type (``LayerNorm``, ``GroupNorm``, ``BatchNorm*``, ``InstanceNorm*``, ``RMSNorm``) or by
 a class name containing ``Norm`` (``LlamaRMSNorm``, ``T5LayerNorm``, ...).
+
+A model with no module named like a head (a plain ``nn.Sequential`` classifier, say) would
+otherwise have its output layer trained sparsely, which nobody wants for a new, randomly
+initialized layer: by default the last module that owns parameters, unless it is a
+normalization layer, is then taken for the output layer and kept dense, with a warning that
+names it. Passing ``head_names`` explicitly turns that guess off (``head_names=()``: no head).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -36,14 +43,40 @@ def is_head(name: str, head_names: Iterable[str]) -> bool:
     return bool(name) and any(p in head_names for p in parts) and not any(p.isdigit() for p in parts)
 
 
-def dense_parameter_names(model: nn.Module, head_names: Iterable[str] = DEFAULT_HEAD_NAMES) -> set[str]:
-    """Qualified names of the parameters ``param_groups`` keeps dense (every alias of a tied one)."""
-    head_names = tuple(head_names)
-    dense_ids = set()
-    for name, module in model.named_modules(remove_duplicate=False):
-        if is_head(name, head_names):
-            dense_ids.update(id(p) for p in module.parameters())
-        elif is_norm(module):
+def _head_parameter_ids(model: nn.Module, head_names: tuple[str, ...]) -> set[int]:
+    return {id(p) for name, module in model.named_modules(remove_duplicate=False) if is_head(name, head_names)
+            for p in module.parameters()}
+
+
+def output_layer(model: nn.Module) -> str | None:
+    """Name of the last module (in registration order) that owns parameters, unless it is a
+    normalization layer or the model itself: the output layer of a model without a named head."""
+    last = None
+    for name, module in model.named_modules():
+        if any(True for _ in module.parameters(recurse=False)):
+            last = (name, module)
+    if last is None or not last[0] or is_norm(last[1]):
+        return None
+    return last[0]
+
+
+def dense_parameter_names(model: nn.Module, head_names: Iterable[str] | None = None) -> set[str]:
+    """Qualified names of the parameters ``param_groups`` keeps dense (every alias of a tied one).
+    ``head_names=None``: the default names, and the output layer when none of them matches."""
+    guess = head_names is None
+    head_names = DEFAULT_HEAD_NAMES if head_names is None else tuple(head_names)
+    dense_ids = _head_parameter_ids(model, head_names)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    if guess and not dense_ids & trainable and (layer := output_layer(model)) is not None:
+        module = model.get_submodule(layer)
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            warnings.warn(f"param_groups: no module is named like a classifier head ({', '.join(DEFAULT_HEAD_NAMES)}), "
+                          f"so the last layer with parameters, {layer!r} ({type(module).__name__}), is taken for the "
+                          "output layer and trained densely; pass head_names=(...) to name the head, or "
+                          "head_names=() to train every layer but the norms sparsely", UserWarning, stacklevel=3)
+            dense_ids.update(id(p) for p in module.parameters(recurse=False))
+    for module in model.modules():
+        if is_norm(module):
             dense_ids.update(id(p) for p in module.parameters(recurse=False))
     return {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in dense_ids}
 
@@ -51,16 +84,17 @@ def dense_parameter_names(model: nn.Module, head_names: Iterable[str] = DEFAULT_
 def param_groups(
     model: nn.Module,
     *,
-    head_names: Iterable[str] = DEFAULT_HEAD_NAMES,
+    head_names: Iterable[str] | None = None,
     is_dense: Callable[[str, torch.Tensor], bool] | None = None,
     **sparse_options: Any,
 ) -> list[dict[str, Any]]:
     """Param groups for :class:`nanoadam.NanoAdam`: ``{"params": ..., "sparse": True, **sparse_options}``
     for the body and ``{"params": ..., "sparse": False}`` for heads and normalization layers.
 
-    Only parameters with ``requires_grad`` are included, each once. ``is_dense(name, param)``
-    marks further parameters dense (e.g. ``lambda n, p: p.ndim == 1`` for all biases). Empty
-    groups are left out.
+    Only parameters with ``requires_grad`` are included, each once. ``head_names`` (default
+    ``DEFAULT_HEAD_NAMES``, plus the output layer of a model in which none matches) names the
+    head modules. ``is_dense(name, param)`` marks further parameters dense (e.g.
+    ``lambda n, p: p.ndim == 1`` for all biases). Empty groups are left out.
     """
     dense_names = dense_parameter_names(model, head_names)
     sparse, dense = [], []

@@ -1,26 +1,44 @@
 """``NanoAdam``: AdamW on the smallest weights of each tensor, with moments for those alone.
 
 The class validates hyperparameters, groups parameters and keeps state; the math is in
-``nanoadam.functional``.
+``nanoadam.functional``, the cohort bookkeeping in ``nanoadam.cohorts``.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch.optim import Optimizer
 
+from . import _cpu
 from . import _dtensor as _dt
 from ._validation import check_adam_hyperparameters, check_positive_int, is_number
-from .functional import Mask, dense_adamw, fused_applies, refresh_masks, sparse_adamw
-from .selection import INT16_CHUNK_LIMIT, SELECTIONS, ChunkLayout
+from .cohorts import COHORTS, admit, bias_tables, new_table
+from .functional import (
+    Mask,
+    RefreshTerms,
+    UpdateTerms,
+    dense_adamw,
+    fused_applies,
+    implementation,
+    refresh_masks,
+    sparse_adamw,
+)
+from .rounding import STREAM_MERGE, STREAM_MOMENTS, STREAM_PARAM, STREAM_RANDOM, salt
+from .selection import INT16_CHUNK_LIMIT, MAX_CHUNK_SIZE, SELECTIONS, ChunkLayout, positions
 
 _STATE_DTYPES = (torch.bfloat16, torch.float32)
-# Per-parameter bookkeeping of sparse tensors, read with .item() every step: kept on the host.
-_HOST_KEYS = ("step", "mask_density", "mask_chunk_size")
+# Per-parameter bookkeeping of sparse tensors, read on the host every step.
+_HOST_KEYS = ("step", "mask_density", "mask_chunk_size", "cohort_born")
+# Group keys added after the first release, with the value that reproduces a checkpoint made
+# before they existed (torch's optimizers fill such keys in __setstate__ too).
+_LATER_GROUP_KEYS = {"stochastic_rounding": False, "fused": None}
+# Before cohorts (state without "cohort_born"), chunks of up to this many entries used int16.
+_OLD_INT16_CHUNK_LIMIT = 32768
 
 
 def _check_hyperparameters(h: dict[str, Any]) -> None:
@@ -29,6 +47,9 @@ def _check_hyperparameters(h: dict[str, Any]) -> None:
     if "mask_interval" in h and h["mask_interval"] is not None:
         check_positive_int(h, "mask_interval", "an int >= 1, or None for a static mask")
     check_positive_int(h, "chunk_size")
+    if "chunk_size" in h and h["chunk_size"] > MAX_CHUNK_SIZE:
+        raise ValueError(f"Invalid chunk_size: {h['chunk_size']} (expected at most {MAX_CHUNK_SIZE} = 2**27; "
+                         "a chunk longer than a tensor is the whole tensor anyway)")
     if "selection" in h and h["selection"] not in SELECTIONS:
         raise ValueError(f"Invalid selection: {h['selection']!r} (expected one of {', '.join(SELECTIONS)})")
     if "state_dtype" in h and h["state_dtype"] not in _STATE_DTYPES:
@@ -38,6 +59,30 @@ def _check_hyperparameters(h: dict[str, Any]) -> None:
             raise TypeError(f"Invalid {flag}: {h[flag]!r} (expected True or False)")
     if "fused" in h and h["fused"] not in (None, True, False):
         raise TypeError(f"Invalid fused: {h['fused']!r} (expected None, True or False)")
+
+
+def _cheap_checks_fail(group: dict[str, Any], p: torch.Tensor, state: dict | None) -> bool:
+    """False when the common case passes every check of NanoAdam._check_param at a glance: a
+    dense float gradient of the parameter's shape and device, state of the group's kind on the
+    parameter's device, no fused=True request."""
+    grad = p.grad
+    if grad.is_sparse or grad.shape != p.shape or not grad.is_floating_point() or grad.device != p.device:
+        return True
+    if group["fused"] and group["sparse"]:
+        return True
+    if state:
+        if ("index" in state) != group["sparse"]:
+            return True
+        key = "index" if group["sparse"] else "exp_avg"
+        if key in state and _dt.local(state[key]).device != _dt.local(p).device:
+            return True
+    return False
+
+
+def _distributed_world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 class NanoAdam(Optimizer):
@@ -125,6 +170,7 @@ class NanoAdam(Optimizer):
         super().add_param_group(param_group)
         self.param_groups[-1]["step"] = self._optimizer_step()
         if getattr(self, "_in_backward", None) is not None:
+            self._in_backward["ordinals"] = self._ordinals()
             self._register_backward_hooks(self.param_groups[-1])
 
     def _optimizer_step(self) -> int:
@@ -141,15 +187,16 @@ class NanoAdam(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work = self._collect()
+        work = self._collect()  # every check, for every group, before anything changes
         t = self._optimizer_step() + 1
         for group in self.param_groups:
             group["step"] = t
+        ordinals = self._ordinals()
         for group, params in work:
             if group["sparse"]:
-                self._step_sparse(group, params, t)
+                self._step_sparse(group, params, t, ordinals)
             else:
-                self._step_dense(group, params)
+                self._step_dense(group, params, t, ordinals)
         return loss
 
     def _collect(self) -> list[tuple[dict[str, Any], list[torch.Tensor]]]:
@@ -157,47 +204,84 @@ class NanoAdam(Optimizer):
         work = []
         for gi, group in enumerate(self.param_groups):
             _check_hyperparameters(group)
-            params = []
-            for pi, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise TypeError(f"NanoAdam does not support sparse gradients (param {pi} of group {gi})")
-                if p.grad.shape != p.shape:
-                    raise ValueError(f"grad of param {pi} in group {gi} has shape {tuple(p.grad.shape)}, "
-                                     f"expected {tuple(p.shape)}")
-                if group["fused"] and group["sparse"] and not fused_applies(p, p.grad, group):
-                    raise ValueError(f"fused=True, but param {pi} of group {gi} cannot use a fused kernel (on CPU "
-                                     "they need the compiled kernels, contiguous float32 tensors, bf16 or float32 "
-                                     "moments and a selection other than 'random'; on CUDA, Triton); use fused=None")
-                params.append(p)
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                self._check_param(group, gi, p)
             if params:
                 work.append((group, params))
+        if not getattr(self, "_paths_checked", False):
+            self._paths_checked = True
+            self._warn_if_slow(work)
+        for _, params in work:
+            for p in params:
+                self._upgrade_state(p)
         return work
 
-    def _step_dense(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+    def _check_param(self, group: dict[str, Any], gi: int, p: torch.Tensor) -> None:
+        """Every reason this parameter's update could fail, raised before anything changes."""
+        grad = p.grad
+        if not _cheap_checks_fail(group, p, self.state.get(p)):
+            return
+        where = f"param {next(i for i, q in enumerate(group['params']) if q is p)} of group {gi}"
+        if grad.is_sparse:
+            raise TypeError(f"NanoAdam does not support sparse gradients ({where})")
+        if grad.shape != p.shape:
+            raise ValueError(f"grad of {where} has shape {tuple(grad.shape)}, expected {tuple(p.shape)}")
+        if not grad.is_floating_point():
+            raise TypeError(f"grad of {where} has dtype {grad.dtype}; NanoAdam needs floating-point gradients")
+        if grad.device != p.device:
+            raise ValueError(f"grad of {where} is on {grad.device}, the parameter on {p.device}")
+        state = self.state.get(p, {})
+        if group["sparse"] and "exp_avg" in state and "index" not in state:
+            raise ValueError(f"{where} has dense state but is now in a sparse group; "
+                             "sparse=True must be set before training starts")
+        if not group["sparse"] and "index" in state:
+            raise ValueError(f"{where} has sparse NanoAdam state but is now in a dense group; "
+                             "sparse=False must be set before training starts")
+        device = _dt.local(p).device
+        for key in ("index", "exp_avg", "exp_avg_sq"):
+            if key in state and _dt.local(state[key]).device != device:
+                raise ValueError(f"the optimizer state of {where} is on {_dt.local(state[key]).device}, the "
+                                 f"parameter on {device}: move the model before building the optimizer, or "
+                                 "reload the optimizer's state_dict after moving it")
+        if group["sparse"] and group["fused"] and not fused_applies(_dt.local(p), _dt.local(grad), group):
+            raise ValueError(f"fused=True, but {where} cannot use a fused kernel (on CPU they need the compiled "
+                             "kernels, contiguous float32 tensors, bf16 or float32 moments and a selection other "
+                             "than 'random'; on CUDA, Triton with float32 or bf16 tensors); use fused=None")
+
+    def _warn_if_slow(self, work: list[tuple[dict[str, Any], list[torch.Tensor]]]) -> None:
+        """One warning when the compiled CPU kernels are missing but would serve these tensors."""
+        if _cpu.available() or _cpu.disabled_by_user():
+            return
+        for group, params in work:
+            if group["sparse"] and group["fused"] is None and any(
+                    _dt.local(p).device.type == "cpu" and p.dtype == torch.float32 for p in params):
+                warnings.warn(f"NanoAdam: the compiled CPU kernels are not available ({_cpu.status()}); sparse "
+                              "updates and mask refreshes run on the eager PyTorch path, whose refresh is about 14x "
+                              "slower. nanoadam.show_config() says which paths are active.", RuntimeWarning,
+                              stacklevel=4)
+                return
+
+    def _ordinals(self) -> dict[int, int]:
+        """Each parameter's position among all of this optimizer's parameters: the seed of its
+        random numbers (the same on every rank)."""
+        return {id(q): i for i, q in enumerate(p for g in self.param_groups for p in g["params"])}
+
+    def _step_dense(self, group: dict[str, Any], params: list[torch.Tensor], t: int, ordinals: dict[int, int]) -> None:
         states = [self._dense_state(p) for p in params]
         beta1, beta2 = group["betas"]
+        param_salts = None
+        if group["stochastic_rounding"]:
+            param_salts = [salt(ordinals[id(p)], t, STREAM_PARAM) for p in params]
         dense_adamw(
             params, [p.grad for p in params], [s["exp_avg"] for s in states],
             [s["exp_avg_sq"] for s in states], [s["step"] for s in states], lr=group["lr"], beta1=beta1,
             beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"], fused=group["fused"],
-            rounding_seeds=self._rounding_seeds(group, params),
+            param_salts=param_salts,
         )
-
-    def _rounding_seeds(self, group: dict[str, Any], params: list[torch.Tensor]) -> list[int] | None:
-        """Per-parameter seeds of stochastic rounding at this step (reproducible, resumable)."""
-        if not group["stochastic_rounding"]:
-            return None
-        ordinal = {id(q): i for i, q in enumerate(p for g in self.param_groups for p in g["params"])}
-        t = self._optimizer_step()
-        return [(t * 1_000_003 + ordinal[id(p)]) ^ 0x5EED for p in params]
 
     def _dense_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
         state = self.state[p]
-        if "index" in state:
-            raise ValueError("a parameter with sparse NanoAdam state is now in a dense group; "
-                             "sparse=False must be set before training starts")
         if not state:
             # torch's fused CUDA AdamW wants the step on the device; everywhere else it stays on the host.
             host = p.device if p.device.type == "cuda" else torch.device("cpu")
@@ -206,45 +290,57 @@ class NanoAdam(Optimizer):
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
         return state
 
-    def _step_sparse(self, group: dict[str, Any], params: list[torch.Tensor], t: int) -> None:
-        beta1, beta2 = group["betas"]
+    def _step_sparse(self, group: dict[str, Any], params: list[torch.Tensor], t: int,
+                     ordinals: dict[int, int]) -> None:
+        betas = group["betas"]
         density, chunk_size, interval = group["density"], group["chunk_size"], group["mask_interval"]
+        state_dtype, selection, fused = group["state_dtype"], group["selection"], group["fused"]
         states = [self.state[p] for p in params]
         for state in states:
-            if "exp_avg" in state and "index" not in state:
-                raise ValueError("a parameter with dense state is now in a sparse group; "
-                                 "sparse=True must be set before training starts")
             if not state:
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["cohort_born"] = new_table()
         step_tensors = [s["step"] for s in states]
         torch._foreach_add_(step_tensors, 1.0)
         steps = [s.item() for s in step_tensors]
         # DTensor parameters (FSDP2): every rank works on its local shard.
         shards = [_dt.local(p) for p in params]
         grads = [_dt.local(p.grad) for p in params]
-        stale = []
-        for i, state in enumerate(states):
-            if (
-                "index" not in state
-                or (interval is not None and (t - 1) % interval == 0)
-                or state["mask_density"].item() != density
-                or state["mask_chunk_size"].item() != chunk_size
-            ):
-                stale.append(i)
+        offsets = [_dt.global_offset(p) for p in params]
+        seeds = [ordinals[id(p)] for p in params]
+        stale = [
+            i for i, state in enumerate(states)
+            if "index" not in state
+            or (interval is not None and (t - 1) % interval == 0)
+            or state["mask_density"].item() != density
+            or state["mask_chunk_size"].item() != chunk_size
+        ]
         if stale:
-            ordinal = {id(q): i for i, q in enumerate(p for g in self.param_groups for p in g["params"])}
+            terms = []
+            for i in stale:
+                born = states[i]["cohort_born"].tolist()
+                newborn, merge = admit(born, int(steps[i]), betas)
+                states[i]["cohort_born"] = torch.tensor(born, dtype=torch.int64)
+                terms.append(RefreshTerms(newborn, merge, salt(seeds[i], t, STREAM_MERGE),
+                                          salt(seeds[i], t, STREAM_RANDOM), offsets[i]))
             fresh = refresh_masks(
                 [shards[i] for i in stale], [grads[i] for i in stale], [self._mask(params[i]) for i in stale],
-                [ChunkLayout.build(shards[i].numel(), chunk_size, density) for i in stale],
-                selection=group["selection"], state_dtype=group["state_dtype"],
-                seeds=[t * 1_000_003 + ordinal[id(params[i])] for i in stale], fused=group["fused"],
+                [ChunkLayout.build(shards[i].numel(), chunk_size, density) for i in stale], terms,
+                [implementation(shards[i], grads[i], state_dtype, selection, fused) for i in stale],
+                selection=selection, state_dtype=state_dtype,
             )
             for i, mask in zip(stale, fresh):
                 self._store_mask(params[i], mask, density, chunk_size)
+        masks = [self._mask(p) for p in params]
+        terms = []
+        for i, state in enumerate(states):
+            step_sizes, bc2_sqrt = bias_tables(state["cohort_born"].tolist(), steps[i], group["lr"], betas)
+            param_salt = salt(seeds[i], t, STREAM_PARAM) if group["stochastic_rounding"] else None
+            terms.append(UpdateTerms(step_sizes, bc2_sqrt, salt(seeds[i], t, STREAM_MOMENTS), param_salt, offsets[i]))
         sparse_adamw(
-            shards, grads, [self._mask(p) for p in params], steps, lr=group["lr"],
-            beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-            fused=group["fused"], rounding_seeds=self._rounding_seeds(group, params),
+            shards, grads, masks, terms,
+            [implementation(s, g, m.exp_avg.dtype, None, fused) for s, g, m in zip(shards, grads, masks)],
+            lr=group["lr"], beta1=betas[0], beta2=betas[1], eps=group["eps"], weight_decay=group["weight_decay"],
         )
 
     def _mask(self, p: torch.Tensor) -> Mask | None:
@@ -284,7 +380,12 @@ class NanoAdam(Optimizer):
         exist at once (LOMO's idea, with Adam moments and NanoAdam's small state). Afterwards,
         ``backward()`` is the whole training step: do not call ``step()`` (it raises) or
         ``zero_grad()`` (nothing to zero). The update of each parameter is the one ``step()``
-        would make, bit for bit.
+        would make, bit for bit (stochastic rounding included).
+
+        Single-process training only: under DDP the hook runs before the gradient is all-reduced
+        (ranks would update from their own gradients and drift apart), and FSDP2 sets sharded
+        gradients after backward; both are refused with a ``RuntimeError``. There, call
+        ``step()`` after ``backward()``.
 
         Args:
             gradient_accumulation_steps: update on every n-th backward pass; gradients of the
@@ -305,10 +406,19 @@ class NanoAdam(Optimizer):
             raise ValueError(f"Invalid max_grad_norm_per_tensor: {max_grad_norm_per_tensor!r} (expected > 0)")
         if getattr(self, "_in_backward", None) is not None:
             raise RuntimeError("step_in_backward is already on")
+        self._refuse_distributed()
         self._in_backward = {"every": gradient_accumulation_steps, "clip": max_grad_norm_per_tensor,
-                             "passes": 0, "pending": False, "handles": []}
+                             "passes": 0, "pending": False, "handles": [], "ordinals": self._ordinals()}
         for group in self.param_groups:
             self._register_backward_hooks(group)
+
+    def _refuse_distributed(self) -> None:
+        sharded = any(_dt.is_dtensor(p) for g in self.param_groups for p in g["params"])
+        if sharded or _distributed_world() > 1:
+            raise RuntimeError(
+                "step_in_backward works in single-process training only: its hooks run as each gradient is "
+                "accumulated, before DDP all-reduces it (ranks would update from unreduced gradients and diverge) "
+                "and before FSDP2 sets the sharded gradient. Call loss.backward() and then optimizer.step() instead.")
 
     def stop_step_in_backward(self) -> None:
         """Removes the hooks of :meth:`step_in_backward`; ``step()`` works again."""
@@ -325,22 +435,24 @@ class NanoAdam(Optimizer):
     def _backward_hook(self, group: dict[str, Any], p: torch.Tensor) -> None:
         mode = self._in_backward
         if not mode["pending"]:  # first gradient of this backward pass
+            self._refuse_distributed()  # the process group may have started after step_in_backward()
             mode["pending"] = True
             mode["passes"] += 1
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
         if mode["passes"] % mode["every"]:
             return  # accumulating: the update comes with a later pass
         with torch.no_grad():
-            if p.grad.is_sparse:
-                raise TypeError("NanoAdam does not support sparse gradients")
+            _check_hyperparameters(group)
+            self._check_param(group, next(i for i, g in enumerate(self.param_groups) if g is group), p)
+            self._upgrade_state(p)
             if mode["clip"] is not None:
                 norm = torch.linalg.vector_norm(p.grad.float())
                 p.grad.mul_(torch.clamp(mode["clip"] / (norm + 1e-6), max=1.0).to(p.grad.dtype))
             t = self._optimizer_step() + 1
             if group["sparse"]:
-                self._step_sparse(group, [p], t)
+                self._step_sparse(group, [p], t, mode["ordinals"])
             else:
-                self._step_dense(group, [p])
+                self._step_dense(group, [p], t, mode["ordinals"])
         p.grad = None
 
     def _end_of_backward(self) -> None:
@@ -378,9 +490,16 @@ class NanoAdam(Optimizer):
 
     # -- checkpoints --------------------------------------------------------------------------
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # checkpoints from before a key existed
+            for key, value in _LATER_GROUP_KEYS.items():
+                group.setdefault(key, value)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads a state dict, keeping each state tensor's saved dtype (``torch.optim`` would cast
-        bf16 moments to the parameter's dtype). Everything is checked before anything changes."""
+        bf16 moments and int16 positions to the parameter's dtype). Everything is checked before
+        anything changes. State saved by earlier versions of NanoAdam loads too."""
         self._check_state_dict(state_dict)
         saved_states = state_dict["state"]
         super().load_state_dict(state_dict)
@@ -397,6 +516,23 @@ class NanoAdam(Optimizer):
                     state[key] = saved.detach().to("cpu", copy=True)
                 elif state[key].dtype != saved.dtype:
                     state[key] = saved.detach().to(state[key].device, copy=True)
+            self._upgrade_state(p)
+
+    def _upgrade_state(self, p: torch.Tensor) -> None:
+        """Sparse state of a checkpoint from before cohorts (no ``cohort_born``): its moments were
+        kept on the scale of the parameter's own step count, which is one cohort born at step 1;
+        its positions carry no cohort bits, and chunks of 4097 to 32768 entries used int16."""
+        state = self.state.get(p)
+        if not state or "index" not in state or "cohort_born" in state:
+            return
+        chunk_size = int(state["mask_chunk_size"])
+        index = state["index"]
+        if index.dtype == torch.int16 and chunk_size > INT16_CHUNK_LIMIT:
+            as_int32 = _dt.local(index).to(torch.int32) & 0xFFFF  # positions up to 32767: never negative
+            state["index"] = _dt.replace_local(index, as_int32)
+        born = new_table()
+        born[0] = 1
+        state["cohort_born"] = born
 
     def _check_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
@@ -441,6 +577,17 @@ class NanoAdam(Optimizer):
                 raise ValueError(f"state_dict {where}: {key} holds {shape[0]} entries, a parameter of "
                                  f"{p.numel()} entries at this density keeps {expected[0]} (state for other params?)")
         index = _dt.local(state["index"])
-        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= min(chunk_size, _dt.local(p).numel())
-                              or (chunk_size <= INT16_CHUNK_LIMIT) != (index.dtype == torch.int16)):
+        has_cohorts = "cohort_born" in state
+        if has_cohorts:
+            born = state["cohort_born"]
+            if tuple(born.shape) != (COHORTS,):
+                raise ValueError(f"state_dict {where}: cohort_born has shape {tuple(born.shape)}, "
+                                 f"expected ({COHORTS},)")
+            int16_limit = INT16_CHUNK_LIMIT
+            at = positions(index, ChunkLayout.build(1, chunk_size, density))
+        else:  # saved before cohorts: plain positions
+            int16_limit = _OLD_INT16_CHUNK_LIMIT
+            at = index.long()
+        if index.numel() and (int(at.min()) < 0 or int(at.max()) >= min(chunk_size, _dt.local(p).numel())
+                              or (chunk_size <= int16_limit) != (index.dtype == torch.int16)):
             raise ValueError(f"state_dict {where}: index values or dtype do not fit chunk_size={chunk_size}")

@@ -18,19 +18,23 @@ class DensityScheduler:
     """Decays the ``density`` of every sparse group of ``optimizer`` linearly to ``final_density``.
 
     Call ``step()`` once per optimizer step, after ``optimizer.step()``. The density changes only
-    every ``interval`` steps (each change makes NanoAdam refresh the affected masks at its next
-    step) and stays at ``final_density`` after ``total_steps``. Setting ``interval`` beyond
-    ``total_steps`` disables the schedule, as in the paper.
+    every ``interval`` steps and stays at ``final_density`` after ``total_steps``. A density change
+    makes NanoAdam refresh the affected masks at its next step, so by default (``interval=None``)
+    each group's density changes every ``mask_interval`` steps, right before one of the
+    optimizer's own refresh steps: the schedule never adds a refresh. An explicit ``interval``
+    other than ``mask_interval`` refreshes the masks at the schedule's changes too. Setting
+    ``interval`` beyond ``total_steps`` disables the schedule, as in the paper.
 
     Args:
         optimizer: a NanoAdam (any optimizer whose groups have ``density`` and ``sparse``).
         final_density: target density, one number or one per param group.
         total_steps: steps over which the density decays.
-        interval: steps between density changes.
+        interval: steps between density changes; ``None``: each group's ``mask_interval``
+            (required for groups with a static mask).
     """
 
     def __init__(self, optimizer: Optimizer, final_density: float | list[float], total_steps: int,
-                 interval: int = 1) -> None:
+                 interval: int | None = None) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         groups = optimizer.param_groups
@@ -43,8 +47,13 @@ class DensityScheduler:
             if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < f <= 1.0:
                 raise ValueError(f"Invalid final_density: {f!r} (expected 0 < final_density <= 1)")
         for name, value in (("total_steps", total_steps), ("interval", interval)):
+            if value is None and name == "interval":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Invalid {name}: {value!r} (expected an int >= 1)")
+        if interval is None and any(g.get("sparse", True) and g.get("mask_interval", 1) is None for g in groups):
+            raise ValueError("Invalid interval: None follows each group's mask_interval, but a group has a static "
+                             "mask (mask_interval=None); pass interval= (each change then refreshes that mask)")
         self.optimizer = optimizer
         self.initial_densities = [float(g["density"]) for g in groups]
         self.final_densities = [float(f) for f in finals]
@@ -52,12 +61,16 @@ class DensityScheduler:
         self.interval = interval
         self.last_step = 0
 
+    def intervals(self) -> list[int]:
+        """Steps between density changes, per param group."""
+        return [self.interval or g.get("mask_interval") or 1 for g in self.optimizer.param_groups]
+
     def densities(self, step: int | None = None) -> list[float]:
         """The density of each param group after ``step`` scheduler steps (default: now)."""
         step = self.last_step if step is None else step
         return [
-            linear_density(d0, d1, step, self.total_steps, self.interval)
-            for d0, d1 in zip(self.initial_densities, self.final_densities)
+            linear_density(d0, d1, step, self.total_steps, interval)
+            for d0, d1, interval in zip(self.initial_densities, self.final_densities, self.intervals())
         ]
 
     def step(self) -> None:

@@ -3,8 +3,15 @@
 A sparse tensor is flattened and cut into consecutive chunks of ``chunk_size`` entries (the last
 one may be shorter). A chunk of length ``L`` keeps ``k = ceil(density * L)`` entries, chosen by
 the smallest *key*; ties go to the lower position, so the choice is a deterministic function of
-the values. Kept positions are stored per chunk, ascending, as int16 when chunks have at most
-32768 entries and int32 otherwise, which also makes the kept entries globally ascending.
+the values. Kept positions are stored per chunk, ascending, which also makes the kept entries
+globally ascending.
+
+Each stored index packs two things: the in-chunk position in its low ``position_bits`` and, in
+the four bits above, the *cohort* of the entry (which refresh selected it; see
+``nanoadam.cohorts``). Chunks of at most 4096 entries use int16 (12 position bits + 4 cohort
+bits: the 6 bytes per kept entry of the paper's Appendix G); longer chunks use int32 (27 position
+bits), so ``chunk_size`` is at most ``MAX_CHUNK_SIZE = 2**27``. Use :func:`positions` and
+:func:`cohort_ids` to read an index; never its raw values.
 
 Everything here is loop-free eager PyTorch and runs on any device; it is the reference for the
 fused CPU kernel in ``csrc/cpu_kernels.cpp``.
@@ -19,9 +26,18 @@ from fractions import Fraction
 
 import torch
 
+from .rounding import hash32
+
 SELECTIONS = ("small_weights", "large_weights", "random", "large_gradients")
-INT16_CHUNK_LIMIT = 32768
+INT16_CHUNK_LIMIT = 4096  # 12 position bits; the other 4 of an int16 hold the cohort
+MAX_CHUNK_SIZE = 1 << 27  # 27 position bits + 4 cohort bits in an int32
+COHORT_BITS = 4
 _KEY_MAX = 0x7FFFFFFF
+
+
+def position_bits(chunk_size: int) -> int:
+    """Low bits of a stored index that hold the in-chunk position (the cohort sits above them)."""
+    return 12 if chunk_size <= INT16_CHUNK_LIMIT else 27
 
 
 def kept_per_chunk(density: float, length: int) -> int:
@@ -63,6 +79,29 @@ class ChunkLayout:
     def index_dtype(self) -> torch.dtype:
         return torch.int16 if self.chunk_size <= INT16_CHUNK_LIMIT else torch.int32
 
+    @property
+    def position_bits(self) -> int:
+        return position_bits(self.chunk_size)
+
+
+def positions(index: torch.Tensor, layout: ChunkLayout) -> torch.Tensor:
+    """In-chunk positions (int64) of a stored index, cohort bits removed."""
+    return index.long() & ((1 << layout.position_bits) - 1)
+
+
+def cohort_ids(index: torch.Tensor, layout: ChunkLayout) -> torch.Tensor:
+    """Cohort of each kept entry (int64 in [0, 16)) of a stored index."""
+    return (index.long() >> layout.position_bits) & ((1 << COHORT_BITS) - 1)
+
+
+def pack_index(pos: torch.Tensor, cohort: torch.Tensor, layout: ChunkLayout) -> torch.Tensor:
+    """The stored index of in-chunk positions ``pos`` in cohorts ``cohort`` (two's complement for
+    int16: cohorts >= 8 make negative int16 values)."""
+    packed = pos.long() | (cohort.long() << layout.position_bits)
+    if layout.index_dtype == torch.int16:
+        packed = torch.where(packed >= 1 << 15, packed - (1 << 16), packed)
+    return packed.to(layout.index_dtype)
+
 
 def selection_keys(values: torch.Tensor, selection: str) -> torch.Tensor:
     """Int64 keys of a flat tensor, smaller = selected first: the IEEE bits of ``|x|`` (monotone in
@@ -71,9 +110,11 @@ def selection_keys(values: torch.Tensor, selection: str) -> torch.Tensor:
     return bits if selection == "small_weights" else _KEY_MAX - bits
 
 
-def random_keys(numel: int, seed: int, device: torch.device) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, _KEY_MAX, (numel,), generator=generator, dtype=torch.int64).to(device)
+def random_keys(numel: int, salt: int, offset: int, device: torch.device) -> torch.Tensor:
+    """Keys for ``selection="random"``: a hash of ``salt`` (seed and step) and each entry's global
+    position ``offset + i``, so shards of one tensor draw what the whole tensor would."""
+    at = torch.arange(offset, offset + numel, dtype=torch.int64, device=device)
+    return hash32(at, salt) >> 1
 
 
 def _bottomk_rows(keys: torch.Tensor, k: int) -> torch.Tensor:
@@ -97,7 +138,7 @@ def chunk_bottomk(keys: torch.Tensor, layout: ChunkLayout) -> torch.Tensor:
 
 def global_positions(index: torch.Tensor, layout: ChunkLayout) -> torch.Tensor:
     """Flat int64 positions of the kept entries (ascending)."""
-    index = index.long()
+    index = positions(index, layout)
     split = layout.full_chunks * layout.k
     parts = []
     if layout.full_chunks:

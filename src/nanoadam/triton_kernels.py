@@ -8,17 +8,19 @@ automatically for CUDA tensors when :func:`triton_available` is true (and ``fuse
 ``False``).
 
 Update (:func:`sparse_adamw_triton`). One launch serves many tensors: a small int64 table holds,
-per tensor, the addresses of its parameter, gradient, index and moments and its chunk layout;
-each program takes ``_UPDATE_BLOCK`` consecutive kept entries of one tensor (found by a binary
-search over the tensors' first blocks), turns the in-chunk index into the flat position
-``chunk * chunk_size + index`` (``k`` kept per full chunk, ``k_last`` in the partial last chunk),
-gathers gradient and parameter, gives entries marked ``NEW_ENTRY`` by a refresh their first
-moments, and does the AdamW step in float32. Moments are stored back in their own dtype (float32
-or bfloat16), the parameter in its own (float32 or bfloat16); entries outside the mask are never
-touched. Tensors are grouped into one launch per (dtypes, step). The table is cached on the
-device while the addresses and layouts stay the same, so a step usually copies nothing to the
-device. Float to bfloat16 is rounded to nearest even explicitly (the Triton interpreter would
-truncate), square root and division are the IEEE-rounded ones, as in PyTorch.
+per tensor, the addresses of its parameter, gradient, index and moments, its chunk layout and its
+global offset; a second, per-step table holds its 16 cohort bias corrections and its rounding
+salts. Each program takes ``_UPDATE_BLOCK`` consecutive kept entries of one tensor (found by a
+binary search over the tensors' first blocks), splits each stored index into in-chunk position and
+cohort, turns the position into the flat one ``chunk * chunk_size + position`` (``k`` kept per
+full chunk, ``k_last`` in the partial last chunk), gathers gradient and parameter, and does the
+AdamW step in float32 with its cohort's bias corrections. bf16 moments are stored with stochastic
+rounding from the hash of ``nanoadam.rounding`` (the same integers as the reference), the
+parameter in its own dtype (bf16: to nearest, or stochastically with a parameter salt); entries
+outside the mask are never touched. Tensors are grouped into one launch per dtype combination.
+The address table is cached on the device while addresses and layouts stay the same, so a step
+copies only the small per-step table. Square root and division are the IEEE-rounded ones, as in
+PyTorch.
 
 Bottom-k (:func:`chunk_bottomk_triton`). One program per chunk, the whole chunk in registers:
 the ``k``-th smallest 31-bit key ``T`` is found by bisection over the key bits (31 rounds, each
@@ -37,7 +39,7 @@ import math
 
 import torch
 
-from .selection import ChunkLayout, chunk_bottomk, random_keys, selection_keys
+from .selection import ChunkLayout, chunk_bottomk, position_bits, random_keys, selection_keys
 
 try:  # pragma: no cover - depends on the environment
     import triton
@@ -48,6 +50,8 @@ except ImportError:  # pragma: no cover
 
 MAX_TRITON_CHUNK = 4096
 _UPDATE_BLOCK = 1024  # kept entries per program of the update
+_TABLE_COLUMNS = 11  # int64 per tensor: addresses, layout, global offset
+_TERM_COLUMNS = 36  # int32 words per tensor and step: 16 step sizes, 16 bias corrections, 2 salts, padding
 _UPDATE_WARPS = 4
 _KEY_SOURCES = {"keys": 0, "small_weights": 1, "large_weights": 2, "large_gradients": 2}
 _VALUE_DTYPES = (torch.float32, torch.bfloat16)
@@ -87,11 +91,32 @@ if triton is not None:
         return tl.where(x != x, x, r.to(tl.float32, bitcast=True))
 
     @triton.jit
+    def _hash32(pos, salt):
+        # nanoadam.rounding.hash32: murmur3's finalizer of (position ^ salt), in uint32 arithmetic.
+        lo = (pos & 0xFFFFFFFF).to(tl.uint32)
+        hi = (pos >> 32).to(tl.uint32)
+        h = lo ^ (hi * 0x9E3779B9) ^ salt
+        h = h ^ (h >> 16)
+        h = h * 0x85EBCA6B
+        h = h ^ (h >> 13)
+        h = h * 0xC2B2AE35
+        return h ^ (h >> 16)
+
+    @triton.jit
+    def _round_bf16_stochastic(x, noise):
+        # Add 16 random bits and truncate (unbiased); inf and NaN pass through.
+        u = x.to(tl.uint32, bitcast=True)
+        r = ((u + noise) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        finite = (u & 0x7FFFFFFF) < 0x7F800000
+        return tl.where(finite, r, x)
+
+    @triton.jit
     def _sparse_adamw_kernel(
-        table, first_block, decay, one_minus_beta1, beta2, one_minus_beta2, eps, step_size,
-        bias_correction2_sqrt, new_m_scale, new_v_scale,
+        table, first_block, step_terms, decay, one_minus_beta1, beta2, one_minus_beta2, eps,
         PARAM_T: tl.constexpr, GRAD_T: tl.constexpr, INDEX_T: tl.constexpr, STATE_T: tl.constexpr,
-        PARAM_BF16: tl.constexpr, STATE_BF16: tl.constexpr, LOG_TASKS: tl.constexpr, BLOCK: tl.constexpr,
+        PARAM_BF16: tl.constexpr, STATE_BF16: tl.constexpr, PARAM_STOCHASTIC: tl.constexpr,
+        POS_BITS: tl.constexpr, LOG_TASKS: tl.constexpr, BLOCK: tl.constexpr, TABLE_COLUMNS: tl.constexpr,
+        TERM_COLUMNS: tl.constexpr,
     ):
         pid = tl.program_id(0)
         # The task of this block: the last one whose first block is <= pid (padding rows hold INT32_MAX).
@@ -99,7 +124,7 @@ if triton is not None:
         for s in tl.static_range(LOG_TASKS):
             cand = t + (1 << (LOG_TASKS - 1 - s))
             t = tl.where(tl.load(first_block + cand) <= pid, cand, t)
-        row = table + t.to(tl.int64) * 10
+        row = table + t.to(tl.int64) * TABLE_COLUMNS
         param = tl.load(row + 0).to(tl.pointer_type(PARAM_T))
         grad = tl.load(row + 1).to(tl.pointer_type(GRAD_T))
         index = tl.load(row + 2).to(tl.pointer_type(INDEX_T))
@@ -110,20 +135,24 @@ if triton is not None:
         full_kept = tl.load(row + 7).to(tl.int32)
         tail_start = tl.load(row + 8)
         kept = tl.load(row + 9).to(tl.int32)
+        offset = tl.load(row + 10)
+        terms = step_terms + t.to(tl.int64) * TERM_COLUMNS  # int32 words
+        salt_m = tl.load(terms + 32).to(tl.uint32, bitcast=True)
+        salt_p = tl.load(terms + 33).to(tl.uint32, bitcast=True)
 
         j = (pid - tl.load(first_block + t)) * BLOCK + tl.arange(0, BLOCK)  # kept entry within the tensor
         valid = j < kept
-        idx = tl.load(index + j, mask=valid, other=0).to(tl.int64)
+        raw = tl.load(index + j, mask=valid, other=0).to(tl.int32) & ((1 << (POS_BITS + 4)) - 1)
+        cohort = (raw >> POS_BITS) & 15
         chunk_start = tl.where(j < full_kept, (j // k).to(tl.int64) * chunk_size, tail_start)
-        at = chunk_start + idx
+        at = chunk_start + (raw & ((1 << POS_BITS) - 1)).to(tl.int64)
+        step_size = tl.load(terms + cohort, mask=valid, other=0).to(tl.float32, bitcast=True)
+        bc2_sqrt = tl.load(terms + 16 + cohort, mask=valid, other=0x3F800000).to(tl.float32, bitcast=True)
 
         g = tl.load(grad + at, mask=valid, other=0.0).to(tl.float32)
         w = tl.load(param + at, mask=valid, other=0.0).to(tl.float32)
         m = tl.load(exp_avg + j, mask=valid, other=0.0).to(tl.float32)
         v = tl.load(exp_avg_sq + j, mask=valid, other=0.0).to(tl.float32)
-        fresh = v < 0.0  # NEW_ENTRY: just selected by a refresh
-        m = tl.where(fresh, g * new_m_scale, m)
-        v = tl.where(fresh, (g * new_v_scale) * g, v)
         # The operation order of torch.optim.AdamW's single-tensor path (and of the CPU kernel).
         w = w * decay
         if one_minus_beta1 < 0.5:  # torch.lerp's two formulas, fused multiply-adds as there
@@ -131,14 +160,19 @@ if triton is not None:
         else:
             m = tl.fma(one_minus_beta1 - 1.0, g - m, g)
         v = tl.fma(one_minus_beta2 * g, g, v * beta2)  # addcmul
-        denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
+        denom = tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
         w = w + tl.div_rn(-step_size * m, denom)
 
+        pos = offset + at
         if PARAM_BF16:
-            w = _round_bf16(w)
+            if PARAM_STOCHASTIC:
+                w = _round_bf16_stochastic(w, _hash32(pos, salt_p) & 0xFFFF)
+            else:
+                w = _round_bf16(w)
         if STATE_BF16:
-            m = _round_bf16(m)
-            v = _round_bf16(v)
+            h = _hash32(pos, salt_m)
+            m = _round_bf16_stochastic(m, h & 0xFFFF)
+            v = _round_bf16_stochastic(v, h >> 16)
         tl.store(param + at, w.to(PARAM_T), mask=valid)
         tl.store(exp_avg + j, m.to(STATE_T), mask=valid)
         tl.store(exp_avg_sq + j, v.to(STATE_T), mask=valid)
@@ -184,6 +218,16 @@ def _tl_dtype(dtype: torch.dtype):
             torch.int32: tl.int32}[dtype]
 
 
+def tensor_applies(param: torch.Tensor, grad: torch.Tensor, state_dtype: torch.dtype) -> bool:
+    """Whether these kernels can update and refresh this parameter (before any state exists)."""
+    plain = (torch.Tensor, torch.nn.Parameter)
+    return (
+        type(param) in plain and type(grad) in plain
+        and param.is_contiguous() and grad.is_contiguous() and grad.device == param.device
+        and param.dtype in _VALUE_DTYPES and grad.dtype in _VALUE_DTYPES and state_dtype in _STATE_DTYPES
+    )
+
+
 def update_applies(param: torch.Tensor, grad: torch.Tensor, mask) -> bool:
     """Whether :func:`sparse_adamw_triton` can serve this tensor (any device the kernel runs on)."""
     plain = (torch.Tensor, torch.nn.Parameter)
@@ -220,42 +264,56 @@ def _task_table(rows: tuple, device: torch.device) -> tuple[torch.Tensor, torch.
         data = host.to(device, non_blocking=True)
         if len(_TABLES) >= 16:
             _TABLES.pop(next(iter(_TABLES)))
-        hit = _TABLES[key] = (data[: 10 * len(rows)], data[10 * len(rows):].to(torch.int32), sum(blocks))
+        n = _TABLE_COLUMNS * len(rows)
+        hit = _TABLES[key] = (data[:n], data[n:].to(torch.int32), sum(blocks))
     return hit[0], hit[1], hit[2], log_tasks
 
 
-def sparse_adamw_triton(params, grads, masks, steps, *, lr, beta1, beta2, eps, weight_decay) -> None:
-    """The sparse AdamW update of ``functional._fused_sparse_adamw`` (same arguments, same result up
-    to float rounding) on the GPU: one kernel launch per group of tensors with the same dtypes and
-    step. Every tensor must satisfy :func:`update_applies`."""
+def _step_terms(terms, device: torch.device) -> torch.Tensor:
+    """The per-step table: per tensor, 16 step sizes and 16 bias corrections (float32 bits), then the
+    moment and parameter salts, as int32 words on ``device``."""
+    floats = torch.tensor([t.step_sizes + t.bc2_sqrt for t in terms], dtype=torch.float32).view(torch.int32)
+    salts = torch.tensor([[t.moment_salt, t.param_salt or 0, 0, 0] for t in terms], dtype=torch.int64)
+    salts = torch.where(salts >= 1 << 31, salts - (1 << 32), salts).to(torch.int32)
+    host = torch.cat([floats, salts], dim=1).contiguous()
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
+
+
+def sparse_adamw_triton(params, grads, masks, terms, *, lr, beta1, beta2, eps, weight_decay) -> None:
+    """The sparse AdamW update of ``functional._reference_sparse_adamw`` (same arguments, same result up
+    to float rounding, the same random bits) on the GPU: one kernel launch per group of tensors
+    with the same dtypes. Every tensor must satisfy :func:`update_applies`."""
     _require_triton()
     groups: dict = {}
-    for p, g, mask, step in zip(params, grads, masks, steps):
+    for p, g, mask, term in zip(params, grads, masks, terms):
         if not update_applies(p, g, mask):
             raise ValueError("sparse_adamw_triton needs contiguous float32/bfloat16 params and grads, "
                              "float32/bfloat16 moments and int16/int32 indices on one device")
         if mask.layout.kept == 0:
             continue
-        sig = (p.device, p.dtype, g.dtype, mask.index.dtype, mask.exp_avg.dtype, float(step))
-        groups.setdefault(sig, []).append((p, g, mask))
-    for (device, p_dtype, g_dtype, i_dtype, s_dtype, step), tasks in groups.items():
+        stochastic = p.dtype == torch.bfloat16 and term.param_salt is not None
+        sig = (p.device, p.dtype, g.dtype, mask.index.dtype, mask.exp_avg.dtype, stochastic)
+        groups.setdefault(sig, []).append((p, g, mask, term))
+    for (device, p_dtype, g_dtype, i_dtype, s_dtype, stochastic), tasks in groups.items():
         rows = []
-        for p, g, mask in tasks:
+        for p, g, mask, term in tasks:
             lay: ChunkLayout = mask.layout
             full = lay.numel // lay.chunk_size
             rows.append((p.data_ptr(), g.data_ptr(), mask.index.data_ptr(), mask.exp_avg.data_ptr(),
                          mask.exp_avg_sq.data_ptr(), lay.chunk_size, lay.k, full * lay.k, full * lay.chunk_size,
-                         lay.kept))
+                         lay.kept, term.offset))
         table, first_block, n_blocks, log_tasks = _task_table(tuple(rows), device)
-        bias_correction1 = 1 - beta1**step
-        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+        step_terms = _step_terms([term for *_, term in tasks], device)
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
             _sparse_adamw_kernel[(n_blocks,)](
-                table, first_block, 1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, eps, lr / bias_correction1,
-                bias_correction2_sqrt, 1 - beta1 ** (step - 1), 1 - beta2 ** (step - 1),
+                table, first_block, step_terms, 1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, eps,
                 PARAM_T=_tl_dtype(p_dtype), GRAD_T=_tl_dtype(g_dtype), INDEX_T=_tl_dtype(i_dtype),
                 STATE_T=_tl_dtype(s_dtype), PARAM_BF16=p_dtype == torch.bfloat16,
-                STATE_BF16=s_dtype == torch.bfloat16, LOG_TASKS=log_tasks, BLOCK=_UPDATE_BLOCK,
+                STATE_BF16=s_dtype == torch.bfloat16, PARAM_STOCHASTIC=stochastic,
+                POS_BITS=position_bits(tasks[0][2].layout.chunk_size), LOG_TASKS=log_tasks, BLOCK=_UPDATE_BLOCK,
+                TABLE_COLUMNS=_TABLE_COLUMNS, TERM_COLUMNS=_TERM_COLUMNS,
                 num_warps=_UPDATE_WARPS, enable_fp_fusion=False,  # explicit fma only: the reference rounding
             )
 
@@ -299,17 +357,17 @@ def chunk_bottomk_triton(keys_or_values: torch.Tensor, layout: ChunkLayout, sele
     return out
 
 
-def refresh_triton(params, grads, old_masks, layouts, *, selection, state_dtype, seeds):
-    """``functional._single_tensor_refresh`` for each tensor with the bottom-k done by
-    :func:`chunk_bottomk_triton`; moments carried over with torch ops, as there."""
+def refresh_triton(params, grads, old_masks, layouts, terms, *, selection, state_dtype):
+    """``functional._reference_refresh`` for each tensor with the bottom-k done by
+    :func:`chunk_bottomk_triton`; cohorts and moments carried over with torch ops, as there."""
     from .functional import carry_moments
 
     _require_triton()
     out = []
-    for param, grad, old, layout, seed in zip(params, grads, old_masks, layouts, seeds):
+    for param, grad, old, layout, term in zip(params, grads, old_masks, layouts, terms):
         if selection == "random":
-            index = chunk_bottomk_triton(random_keys(layout.numel, seed, param.device), layout)
+            pos = chunk_bottomk_triton(random_keys(layout.numel, term.random_salt, term.offset, param.device), layout)
         else:
-            index = chunk_bottomk_triton(grad if selection == "large_gradients" else param, layout, selection)
-        out.append(carry_moments(index, layout, old, state_dtype))
+            pos = chunk_bottomk_triton(grad if selection == "large_gradients" else param, layout, selection)
+        out.append(carry_moments(pos, layout, old, state_dtype, term))
     return out

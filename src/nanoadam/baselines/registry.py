@@ -151,7 +151,7 @@ def _nanoadam(model, lr, total_steps, *, betas, eps, weight_decay, density, mask
         if total_steps is None:
             raise ValueError("final_density needs total_steps (the density decays linearly over the run)")
         schedulers.append(DensityScheduler(opt, final_density=final_density, total_steps=total_steps,
-                                           interval=density_interval or 1))
+                                           interval=density_interval))
     return OptimizerBundle(opt, schedulers)
 
 

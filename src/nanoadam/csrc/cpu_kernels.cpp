@@ -1,17 +1,18 @@
 // Fused CPU kernels for NanoAdam: the sparse AdamW update and the chunked mask refresh.
 //
 // Plain C ABI (loaded with ctypes), no Python or torch headers, so it builds in a second with any
-// C++17 compiler. The Python side (nanoadam/_cpu.py) owns all validation and memory; these
-// functions only read and write the buffers they are given. The eager PyTorch code in
-// nanoadam/functional.py and nanoadam/selection.py is the reference these kernels are tested
-// against.
+// C++17 compiler. The Python side (nanoadam/_cpu.py, nanoadam/functional.py) owns all validation
+// and memory; these functions only read and write the buffers they are given. The eager PyTorch
+// code in nanoadam/functional.py and nanoadam/selection.py is the reference these kernels are
+// tested against.
 //
-// Layout of one sparse tensor's state (see nanoadam/optimizer.py): the flat tensor is cut into
+// Layout of one sparse tensor's state (see nanoadam/selection.py): the flat tensor is cut into
 // chunks of `chunk_size` entries; full chunks keep `k` entries each, the last partial chunk
-// keeps `k_last`. `index` holds the in-chunk position of each kept entry (int16 or int32),
-// chunk-major and ascending inside a chunk, so the kept entries are in global ascending order
-// and every pass over them walks memory forwards. `exp_avg`/`exp_avg_sq` are aligned with
-// `index` and stored in bfloat16 or float32.
+// keeps `k_last`. `index` holds, per kept entry, the in-chunk position in its low
+// `position_bits` bits and the entry's cohort (nanoadam/cohorts.py) in the 4 bits above (int16
+// or int32), chunk-major and ascending inside a chunk, so the kept entries are in global
+// ascending order and every pass over them walks memory forwards. `exp_avg`/`exp_avg_sq` are
+// aligned with `index` and stored in bfloat16 (stochastically rounded) or float32.
 
 #include <algorithm>
 #include <cmath>
@@ -31,6 +32,8 @@
 
 namespace {
 
+constexpr int kCohorts = 16;
+
 inline float bf16_to_f32(uint16_t h) {
   uint32_t u = static_cast<uint32_t>(h) << 16;
   float f;
@@ -38,34 +41,52 @@ inline float bf16_to_f32(uint16_t h) {
   return f;
 }
 
-// Round to nearest even, NaN kept a (quiet) NaN: the same rounding as torch's float -> bfloat16.
-inline uint16_t f32_to_bf16(float f) {
+// The hash of nanoadam/rounding.py: murmur3's finalizer of (position ^ salt).
+inline uint32_t fmix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85ebca6bu;
+  h ^= h >> 13;
+  h *= 0xc2b2ae35u;
+  h ^= h >> 16;
+  return h;
+}
+
+inline uint32_t hash32(int64_t position, uint32_t salt) {
+  const uint64_t p = static_cast<uint64_t>(position);
+  return fmix32(static_cast<uint32_t>(p) ^ (static_cast<uint32_t>(p >> 32) * 0x9e3779b9u) ^ salt);
+}
+
+// float32 -> bfloat16 with stochastic rounding: add 16 random bits, truncate (unbiased). inf
+// passes through; NaN stays a (quiet) NaN.
+inline uint16_t f32_to_bf16_stochastic(float f, uint32_t noise16) {
   uint32_t u;
   std::memcpy(&u, &f, 4);
   if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
+  if ((u & 0x7fffffffu) == 0x7f800000u) return static_cast<uint16_t>(u >> 16);
+  return static_cast<uint16_t>((u + noise16) >> 16);
 }
 
 inline float load_state(const void* p, int64_t i, int bytes) {
   return bytes == 2 ? bf16_to_f32(static_cast<const uint16_t*>(p)[i]) : static_cast<const float*>(p)[i];
 }
 
-inline void store_state(void* p, int64_t i, int bytes, float x) {
+// Stores a moment: bf16 rounded with `noise16`, or float32 as it is.
+inline void store_state(void* p, int64_t i, int bytes, float x, uint32_t noise16) {
   if (bytes == 2)
-    static_cast<uint16_t*>(p)[i] = f32_to_bf16(x);
+    static_cast<uint16_t*>(p)[i] = f32_to_bf16_stochastic(x, noise16);
   else
     static_cast<float*>(p)[i] = x;
 }
 
-inline int64_t load_index(const void* p, int64_t i, int bytes) {
-  return bytes == 2 ? static_cast<int64_t>(static_cast<const int16_t*>(p)[i])
-                    : static_cast<int64_t>(static_cast<const int32_t*>(p)[i]);
+// A stored index as an unsigned bit pattern (int16 values are two's complement).
+inline uint32_t load_index(const void* p, int64_t i, int bytes) {
+  return bytes == 2 ? static_cast<uint32_t>(static_cast<const uint16_t*>(p)[i])
+                    : static_cast<uint32_t>(static_cast<const int32_t*>(p)[i]);
 }
 
-inline void store_index(void* p, int64_t i, int bytes, int64_t v) {
+inline void store_index(void* p, int64_t i, int bytes, uint32_t v) {
   if (bytes == 2)
-    static_cast<int16_t*>(p)[i] = static_cast<int16_t>(v);
+    static_cast<uint16_t*>(p)[i] = static_cast<uint16_t>(v);
   else
     static_cast<int32_t*>(p)[i] = static_cast<int32_t>(v);
 }
@@ -77,10 +98,6 @@ inline uint32_t magnitude_bits(float x) {
   std::memcpy(&u, &x, 4);
   return u & 0x7fffffffu;
 }
-
-// exp_avg_sq of an entry a refresh has just selected (a second moment is never negative): the
-// update gives it its first moments from the gradient of that step.
-constexpr float kNewEntry = -1.0f;
 
 enum KeySource : int32_t { SMALL_WEIGHTS = 0, LARGE_WEIGHTS = 1, LARGE_GRADIENTS = 2 };
 
@@ -110,23 +127,22 @@ struct NanoUpdateTask {
   const void* index;
   void* exp_avg;
   void* exp_avg_sq;
+  // Per cohort: 16 step sizes lr / (1 - beta1^age), then 16 values sqrt(1 - beta2^age).
+  const float* cohort_table;
   int64_t numel;
   int64_t chunk_size;
   int64_t k;       // kept entries per full chunk
   int64_t k_last;  // kept entries in the last chunk when it is partial
+  int64_t offset;  // global flat position of param[0] (FSDP2 shards): input of the rounding hash
   int32_t index_bytes;
   int32_t state_bytes;
-  float decay;  // 1 - lr * weight_decay
+  int32_t position_bits;
+  uint32_t salt;  // stochastic rounding of bf16 moments at this step
+  float decay;    // 1 - lr * weight_decay
   float one_minus_beta1;
   float beta2;
   float one_minus_beta2;
   float eps;
-  float step_size;  // lr / (1 - beta1^t)
-  float bias_correction2_sqrt;
-  // Entries a refresh just selected carry exp_avg_sq = -1 (kNewEntry); before their first update
-  // they get exp_avg = new_m_scale * g and exp_avg_sq = new_v_scale * g * g.
-  float new_m_scale;
-  float new_v_scale;
 };
 
 static int64_t kept_total(int64_t numel, int64_t chunk_size, int64_t k, int64_t k_last) {
@@ -140,8 +156,16 @@ NANO_CLONES static void update_span(const NanoUpdateTask& t, int64_t begin, int6
   float* __restrict__ param = t.param;
   const float* __restrict__ grad = t.grad;
   const float decay = t.decay, omb1 = t.one_minus_beta1, b2 = t.beta2, omb2 = t.one_minus_beta2;
-  const float eps = t.eps, step_size = t.step_size, bc2 = t.bias_correction2_sqrt;
-  const float new_m = t.new_m_scale, new_v = t.new_v_scale;
+  const float eps = t.eps;
+  const int pb = t.position_bits;
+  const uint32_t pos_mask = (1u << pb) - 1u, salt = t.salt;
+  const int64_t offset = t.offset;
+  float step_size[kCohorts], bc2[kCohorts];
+  for (int c = 0; c < kCohorts; ++c) {
+    step_size[c] = -t.cohort_table[c];
+    bc2[c] = t.cohort_table[kCohorts + c];
+  }
+  const bool small_weight = omb1 < 0.5f;
   int64_t i = begin;
   while (i < end) {
     int64_t chunk = i < full_kept ? i / k : t.numel / cs;
@@ -149,24 +173,25 @@ NANO_CLONES static void update_span(const NanoUpdateTask& t, int64_t begin, int6
     const int64_t base = chunk * cs;
 #pragma omp simd
     for (int64_t j = i; j < stop; ++j) {
-      const int64_t g_at = base + load_index(t.index, j, IB);
+      const uint32_t raw = load_index(t.index, j, IB);
+      const int64_t g_at = base + static_cast<int64_t>(raw & pos_mask);
+      const uint32_t c = (raw >> pb) & (kCohorts - 1);
       const float g = grad[g_at];
       float w = param[g_at] * decay;
       float m = load_state(t.exp_avg, j, SB);
       float v = load_state(t.exp_avg_sq, j, SB);
-      const bool fresh = v < 0.0f;
-      m = fresh ? new_m * g : m;
-      v = fresh ? (new_v * g) * g : v;
       // The rounding of torch.optim.AdamW's single-tensor path on CPU, operation by operation
       // (lerp and addcmul are fused multiply-adds there, addcdiv is self + (value * t1) / t2),
-      // so that float32 moments reproduce it bit for bit.
-      m = std::fma(omb1, g - m, m);
+      // with the bias corrections of the entry's cohort.
+      m = small_weight ? std::fma(omb1, g - m, m) : std::fma(omb1 - 1.0f, g - m, g);
       v = std::fma(omb2 * g, g, v * b2);
-      const float denom = std::sqrt(v) / bc2 + eps;
-      w = w + ((-step_size) * m) / denom;
+      const float denom = std::sqrt(v) / bc2[c] + eps;
+      w = w + (step_size[c] * m) / denom;
       param[g_at] = w;
-      store_state(t.exp_avg, j, SB, m);
-      store_state(t.exp_avg_sq, j, SB, v);
+      uint32_t h = 0;
+      if (SB == 2) h = hash32(offset + g_at, salt);
+      store_state(t.exp_avg, j, SB, m, h & 0xffffu);
+      store_state(t.exp_avg_sq, j, SB, v, h >> 16);
     }
     i = stop;
   }
@@ -231,19 +256,28 @@ struct NanoRefreshTask {
   const void* old_exp_avg_sq;
   int64_t old_k;
   int64_t old_k_last;
-  int32_t old_index_bytes;
-  int32_t key_source;
   // The new mask, written here.
   void* index;
   void* exp_avg;
   void* exp_avg_sq;
   int64_t k;
   int64_t k_last;
+  int64_t offset;  // global flat position of param[0]: input of the rounding hash
+  int32_t old_index_bytes;
   int32_t index_bytes;
   int32_t state_bytes;  // of both old and new moments
+  int32_t position_bits;
+  int32_t key_source;
   // Nonzero: the old mask may be used as a filter (requires old_k >= k, old_k_last >= k_last).
   int32_t filter_with_old_mask;
-  int32_t pad_;
+  int32_t newborn;  // cohort of newly selected entries
+  // Kept entries of cohort merge_young (-1: no merge) join merge_old, moments multiplied by the
+  // factors (bf16 rounded stochastically with merge_salt).
+  int32_t merge_young;
+  int32_t merge_old;
+  float merge_m_factor;
+  float merge_v_factor;
+  uint32_t merge_salt;
 };
 
 // Composite key: selection key in the high half, position in the low half, so that
@@ -308,6 +342,10 @@ static int64_t scan_bounded(const float* src, int64_t length, int32_t source, ui
 // A key bound with at least kn keys at or below it, from the kept entries of the old mask: every
 // entry above the kn-th smallest old kept key has kn entries ahead of it. Between two refreshes
 // only kept entries move, so few others fall under this bound.
+static inline int64_t old_position(const NanoRefreshTask& t, int64_t i) {
+  return static_cast<int64_t>(load_index(t.old_index, i, t.old_index_bytes) & ((1u << t.position_bits) - 1u));
+}
+
 static uint32_t bound_from_old_mask(const NanoRefreshTask& t, const float* src, int64_t chunk, int64_t kn,
                                     RefreshScratch& s) {
   const int64_t full = t.numel / t.chunk_size;
@@ -315,12 +353,12 @@ static uint32_t bound_from_old_mask(const NanoRefreshTask& t, const float* src, 
   if (kn == ko) {
     uint32_t bound = 0;
     for (int64_t i = 0; i < ko; ++i)
-      bound = std::max(bound, selection_key(src[load_index(t.old_index, o0 + i, t.old_index_bytes)], t.key_source));
+      bound = std::max(bound, selection_key(src[old_position(t, o0 + i)], t.key_source));
     return bound;
   }
   s.work.resize(ko);
   for (int64_t i = 0; i < ko; ++i)
-    s.work[i] = selection_key(src[load_index(t.old_index, o0 + i, t.old_index_bytes)], t.key_source);
+    s.work[i] = selection_key(src[old_position(t, o0 + i)], t.key_source);
   std::nth_element(s.work.begin(), s.work.begin() + (kn - 1), s.work.end());
   return static_cast<uint32_t>(s.work[kn - 1]);
 }
@@ -446,32 +484,67 @@ NANO_CLONES static void select_chunk(const NanoRefreshTask& t, int64_t chunk, in
   }
 }
 
+// The moments of a kept entry of cohort merge_young, rescaled as it joins merge_old.
+static void merge_entry(const NanoRefreshTask& t, int64_t global_position, uint16_t* m, uint16_t* v) {
+  const uint32_t h = hash32(t.offset + global_position, t.merge_salt);
+  *m = f32_to_bf16_stochastic(bf16_to_f32(*m) * t.merge_m_factor, h & 0xffffu);
+  *v = f32_to_bf16_stochastic(bf16_to_f32(*v) * t.merge_v_factor, h >> 16);
+}
+
+static void merge_entry(const NanoRefreshTask& t, int64_t, float* m, float* v) {
+  *m *= t.merge_m_factor;
+  *v *= t.merge_v_factor;
+}
+
+// The new mask of one chunk from its chosen positions: kept entries bring their moments and
+// cohort (after the merge), new ones start from zero in the newborn cohort.
 template <typename StateT>
-static void merge_moments(const NanoRefreshTask& t, const int32_t* chosen, int64_t kn, const int32_t* old_pos,
-                          const StateT* old_m, const StateT* old_v, int64_t ko, int64_t n0,
-                          std::vector<int32_t>& slot) {
+static void merge_moments(const NanoRefreshTask& t, int64_t base, const int32_t* chosen, int64_t kn,
+                          const int32_t* old_pos, const uint32_t* old_cohort, const StateT* old_m,
+                          const StateT* old_v, int64_t ko, int64_t n0, int64_t length, std::vector<int32_t>& slot) {
   // slot[position] = where that position sat in the old mask, or -1: a branch-free lookup (whether
   // an entry is new is as unpredictable as a coin flip right after large moves).
-  if (static_cast<int64_t>(slot.size()) < t.chunk_size) slot.assign(t.chunk_size, -1);
+  if (static_cast<int64_t>(slot.size()) < length) slot.assign(length, -1);
   for (int64_t i = 0; i < ko; ++i) slot[old_pos[i]] = static_cast<int32_t>(i);
   StateT* m = static_cast<StateT*>(t.exp_avg) + n0;
   StateT* v = static_cast<StateT*>(t.exp_avg_sq) + n0;
-  StateT zero, new_entry;
-  store_state(&zero, 0, sizeof(StateT), 0.0f);
-  store_state(&new_entry, 0, sizeof(StateT), kNewEntry);
+  const StateT zero{};  // +0.0 in bf16 bits and in float32
+  const int pb = t.position_bits;
   for (int64_t j = 0; j < kn; ++j) {
     const int32_t p = chosen[j];
-    store_index(t.index, n0 + j, t.index_bytes, p);
     const int32_t i = slot[p];
     const int32_t at = i < 0 ? 0 : i;
+    uint32_t cohort = i < 0 ? static_cast<uint32_t>(t.newborn) : old_cohort[at];
     m[j] = i < 0 ? zero : old_m[at];
-    v[j] = i < 0 ? new_entry : old_v[at];
+    v[j] = i < 0 ? zero : old_v[at];
+    if (i >= 0 && static_cast<int32_t>(cohort) == t.merge_young) {
+      cohort = static_cast<uint32_t>(t.merge_old);
+      merge_entry(t, base + p, &m[j], &v[j]);
+    }
+    store_index(t.index, n0 + j, t.index_bytes, static_cast<uint32_t>(p) | (cohort << pb));
   }
   for (int64_t i = 0; i < ko; ++i) slot[old_pos[i]] = -1;
 }
 
+// The mask of one chunk is unchanged: only the merge, if any, relabels and rescales entries.
+template <typename StateT>
+static void merge_in_place(const NanoRefreshTask& t, int64_t base, int64_t n0, int64_t kn) {
+  if (t.merge_young < 0) return;
+  StateT* m = static_cast<StateT*>(t.exp_avg) + n0;
+  StateT* v = static_cast<StateT*>(t.exp_avg_sq) + n0;
+  const int pb = t.position_bits;
+  const uint32_t pos_mask = (1u << pb) - 1u;
+  for (int64_t j = 0; j < kn; ++j) {
+    const uint32_t raw = load_index(t.index, n0 + j, t.index_bytes);
+    if (static_cast<int32_t>((raw >> pb) & (kCohorts - 1)) != t.merge_young) continue;
+    merge_entry(t, base + (raw & pos_mask), &m[j], &v[j]);
+    store_index(t.index, n0 + j, t.index_bytes, (raw & pos_mask) | (static_cast<uint32_t>(t.merge_old) << pb));
+  }
+}
+
 struct OldChunk {
   std::vector<int32_t> pos;
+  std::vector<uint32_t> cohort;
   std::vector<uint8_t> m, v;
   std::vector<int32_t> slot;
 };
@@ -490,24 +563,37 @@ static void refresh_chunk(const NanoRefreshTask& t, int64_t chunk, RefreshScratc
     o0 = chunk * t.old_k;
   }
   // The new mask may be written over the old one (same layout): snapshot the old chunk first.
-  const int sb = t.state_bytes;
+  const int sb = t.state_bytes, pb = t.position_bits;
+  const int64_t n0 = chunk * t.k;
   old.pos.resize(ko);
-  for (int64_t i = 0; i < ko; ++i) old.pos[i] = static_cast<int32_t>(load_index(t.old_index, o0 + i, t.old_index_bytes));
+  old.cohort.resize(ko);
+  for (int64_t i = 0; i < ko; ++i) {
+    const uint32_t raw = load_index(t.old_index, o0 + i, t.old_index_bytes);
+    old.pos[i] = static_cast<int32_t>(raw & ((1u << pb) - 1u));
+    old.cohort[i] = (raw >> pb) & (kCohorts - 1);
+  }
   const bool in_place = t.index == t.old_index;
-  if (in_place && kn == ko && std::equal(chosen.begin(), chosen.begin() + kn, old.pos.begin())) return;
+  if (in_place && kn == ko && std::equal(chosen.begin(), chosen.begin() + kn, old.pos.begin())) {
+    if (sb == 2)
+      merge_in_place<uint16_t>(t, base, n0, kn);
+    else
+      merge_in_place<float>(t, base, n0, kn);
+    return;
+  }
   old.m.resize(ko * sb);
   old.v.resize(ko * sb);
   if (ko) {
     std::memcpy(old.m.data(), static_cast<const uint8_t*>(t.old_exp_avg) + o0 * sb, ko * sb);
     std::memcpy(old.v.data(), static_cast<const uint8_t*>(t.old_exp_avg_sq) + o0 * sb, ko * sb);
   }
-  const int64_t n0 = chunk * t.k;
   if (sb == 2)
-    merge_moments(t, chosen.data(), kn, old.pos.data(), reinterpret_cast<const uint16_t*>(old.m.data()),
-                  reinterpret_cast<const uint16_t*>(old.v.data()), ko, n0, old.slot);
+    merge_moments(t, base, chosen.data(), kn, old.pos.data(), old.cohort.data(),
+                  reinterpret_cast<const uint16_t*>(old.m.data()), reinterpret_cast<const uint16_t*>(old.v.data()),
+                  ko, n0, length, old.slot);
   else
-    merge_moments(t, chosen.data(), kn, old.pos.data(), reinterpret_cast<const float*>(old.m.data()),
-                  reinterpret_cast<const float*>(old.v.data()), ko, n0, old.slot);
+    merge_moments(t, base, chosen.data(), kn, old.pos.data(), old.cohort.data(),
+                  reinterpret_cast<const float*>(old.m.data()), reinterpret_cast<const float*>(old.v.data()), ko,
+                  n0, length, old.slot);
 }
 
 extern "C" void nano_refresh(const NanoRefreshTask* tasks, int64_t n_tasks, int32_t n_threads) {
@@ -533,5 +619,5 @@ extern "C" void nano_refresh(const NanoRefreshTask* tasks, int64_t n_tasks, int3
   }
 }
 
-extern "C" int32_t nano_abi_version(void) { return 2; }
+extern "C" int32_t nano_abi_version(void) { return 3; }
 

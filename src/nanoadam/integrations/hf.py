@@ -50,9 +50,10 @@ class DensitySchedulerCallback(_trainer_callback_base()):
 
 
 def nanoadam_for_trainer(model: nn.Module, *, lr: float, final_density: float | None = None,
-                         total_steps: int | None = None, density_interval: int = 1,
+                         total_steps: int | None = None, density_interval: int | None = None,
                          **nanoadam_kwargs: Any) -> tuple[NanoAdam, list]:
-    """A NanoAdam for ``Trainer(optimizers=(optimizer, None))`` and the callbacks it needs."""
+    """A NanoAdam for ``Trainer(optimizers=(optimizer, None))`` and the callbacks it needs
+    (``density_interval=None``: the density changes on the optimizer's own refresh steps)."""
     optimizer = NanoAdam(param_groups(model), lr=lr, **nanoadam_kwargs)
     callbacks = []
     if final_density is not None:
