@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from nanoadam import NanoAdam, param_groups
+from nanoadam import NanoAdam
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or sys.platform != "linux", reason="needs torch.distributed")
 
@@ -28,6 +28,12 @@ def free_port() -> int:
 def make_model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(16, 64), nn.LayerNorm(64), nn.ReLU(), nn.Linear(64, 32))
+
+
+def param_groups(model):
+    from nanoadam import param_groups as groups
+
+    return groups(model, head_names=())  # every Linear sparse: both are checked against the reference
 
 
 def global_batch(step: int):
@@ -80,6 +86,9 @@ def ddp_worker(rank, port):
                 copies = [torch.empty_like(raw) for _ in range(WORLD)]
                 dist.all_gather(copies, raw)
                 assert torch.equal(copies[0], copies[1]), key
+        # step in backward would update from unreduced gradients: refused, saying what to do
+        with pytest.raises(RuntimeError, match="DDP all-reduces"):
+            NanoAdam(param_groups(model), **KW).step_in_backward()
         # and equal to one process training on the global batches (up to float summation order)
         reference, ref_opt = train_reference(STEPS)
         for (name, p), q in zip(model.module.named_parameters(), reference.parameters()):
@@ -115,6 +124,8 @@ def fsdp_worker(rank, port, checkpoint_dir):
 
         model, opt = sharded()
         assert all(isinstance(p, DTensor) for p in model.parameters())
+        with pytest.raises(RuntimeError, match="FSDP2"):
+            opt.step_in_backward()
         train(model, opt, 0, STEPS // 2)
         model_sd, optim_sd = get_state_dict(model, opt)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=checkpoint_dir)

@@ -165,9 +165,8 @@ def test_newly_selected_entries_step_at_most_lr(fused):
     opt.step()
     new = opt.masks()[params[0]] & ~old
     step = (params[0].detach() - before).abs()[new]
-    # Adam's first step is lr * |g| / (|g| + eps); with the optimizer-wide bias correction at
-    # t = 201 a fresh entry would move sqrt(1 - 0.999^201) / (1 - 0.9^201) / (sqrt(0.001) / 0.1)
-    # = 1.35 lr.
+    # Adam's first step is lr * |g| / (|g| + eps): the entry's own cohort, born at this step, gives
+    # it Adam's bias correction for age 1 (tests/test_numerics.py follows it for 300 more steps).
     assert new.sum() > 1000
     assert step.max() <= lr * (1 + 1e-3)
     assert step.min() >= lr * 0.99
@@ -306,6 +305,7 @@ BAD_ARGS = [
     (dict(mask_interval=2.5), TypeError, "mask_interval"),
     (dict(chunk_size=0), ValueError, "chunk_size"),
     (dict(chunk_size=True), TypeError, "chunk_size"),
+    (dict(chunk_size=2**40), ValueError, "chunk_size"),  # aborted the process in the C++ kernel before
     (dict(selection="tiny_weights"), ValueError, "selection"),
     (dict(state_dtype=torch.int8), ValueError, "state_dtype"),
 ]
@@ -353,6 +353,62 @@ def test_load_state_dict_for_other_params_is_refused_and_changes_nothing():
     assert after["param_groups"] == before["param_groups"]
     assert all(torch.equal(after["state"][i]["index"], before["state"][i]["index"]) for i in range(4))
     train(opt, params, 1, start=2)  # still usable
+
+
+def snapshot(opt, params):
+    return copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in params]
+
+
+def assert_unchanged(opt, params, before):
+    state_dict, weights = before
+    after = opt.state_dict()
+    assert after["param_groups"] == state_dict["param_groups"]
+    assert after["state"].keys() == state_dict["state"].keys()
+    for pid, state in state_dict["state"].items():
+        assert state.keys() == after["state"][pid].keys()
+        for key, value in state.items():
+            assert torch.equal(value, after["state"][pid][key]), (pid, key)
+    assert all(torch.equal(p, w) for p, w in zip(params, weights))
+
+
+def test_a_state_kind_error_in_a_later_group_changes_nothing_in_earlier_ones():
+    """Before, the first group had already stepped when the second group's check fired."""
+    params = make_params()
+    opt = NanoAdam([{"params": params[:2]}, {"params": params[2:], "sparse": False}], lr=1e-2, chunk_size=100)
+    train(opt, params, 2)
+    before = snapshot(opt, params)
+    set_grads(params, 2)
+    for flags, match in (((True, True), "dense state"), ((False, False), "sparse NanoAdam state")):
+        opt.param_groups[0]["sparse"], opt.param_groups[1]["sparse"] = flags
+        with pytest.raises(ValueError, match=match):
+            opt.step()
+        opt.param_groups[0]["sparse"], opt.param_groups[1]["sparse"] = True, False
+        assert_unchanged(opt, params, before)
+
+
+def test_a_bad_gradient_in_a_later_group_changes_nothing():
+    params = make_params()
+    opt = NanoAdam([{"params": params[:2]}, {"params": params[2:]}], lr=1e-2, chunk_size=100, mask_interval=1)
+    train(opt, params, 2)
+    before = snapshot(opt, params)
+    set_grads(params, 2)
+    params[3].grad = params[3].grad.to_sparse()  # the first group refreshes its masks at this step
+    with pytest.raises(TypeError, match="sparse gradients"):
+        opt.step()
+    assert_unchanged(opt, params, before)
+
+
+def test_a_bad_hyperparameter_set_between_steps_changes_nothing():
+    params = make_params()
+    opt = NanoAdam([{"params": params[:2]}, {"params": params[2:]}], lr=1e-2, chunk_size=100)
+    train(opt, params, 2)
+    before = snapshot(opt, params)
+    opt.param_groups[1]["chunk_size"] = 2**40
+    set_grads(params, 2)
+    with pytest.raises(ValueError, match="chunk_size"):
+        opt.step()
+    opt.param_groups[1]["chunk_size"] = 100
+    assert_unchanged(opt, params, before)
 
 
 def test_non_float_params_are_refused():

@@ -1,6 +1,7 @@
 """DensityScheduler and param_groups."""
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -122,3 +123,23 @@ def test_param_groups_on_huggingface_bert_and_llama():
     out = llama(torch.randint(0, 100, (2, 8)), labels=torch.randint(0, 100, (2, 8)))
     out.loss.backward()
     opt.step()
+
+
+def test_param_groups_without_a_named_head_keeps_the_output_layer_dense_and_says_so():
+    net = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 3))
+    with pytest.warns(UserWarning, match=r"'3' \(Linear\)"):
+        groups = param_groups(net)
+    dense = {id(p) for p in groups[1]["params"]}
+    assert {id(net[3].weight), id(net[3].bias), id(net[1].weight)} <= dense and id(net[0].weight) not in dense
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        explicit = param_groups(net, head_names=())  # no head, said on purpose: no guess, no warning
+        assert {id(p) for p in explicit[0]["params"]} == {id(net[0].weight), id(net[0].bias), id(net[3].weight),
+                                                         id(net[3].bias)}
+        named = nn.Sequential()
+        named.add_module("body", nn.Linear(8, 16))
+        named.add_module("classifier", nn.Linear(16, 3))
+        assert {id(p) for p in param_groups(named)[1]["params"]} == {id(named.classifier.weight),
+                                                                     id(named.classifier.bias)}
+        ends_in_norm = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16))  # a base model without a head
+        assert len(param_groups(ends_in_norm)[0]["params"]) == 2

@@ -9,10 +9,15 @@ from nanoadam import NanoAdam, param_groups
 KW = dict(lr=1e-2, density=0.2, mask_interval=3, chunk_size=64, weight_decay=0.01)
 
 
-def model():
+def model(dtype=torch.float32):
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(20, 64), nn.LayerNorm(64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
-                         nn.Linear(64, 3))
+    net = nn.Sequential(nn.Linear(20, 64), nn.LayerNorm(64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+                        nn.Linear(64, 3))
+    return net.to(dtype)
+
+
+def groups(net, **kw):
+    return param_groups(net, head_names=("5",), **kw)  # the last Linear is the head
 
 
 def batch(i):
@@ -22,7 +27,7 @@ def batch(i):
 
 def loss_of(net, i):
     x, y = batch(i)
-    return nn.functional.cross_entropy(net(x), y)
+    return nn.functional.cross_entropy(net(x.to(net[0].weight.dtype)).float(), y)
 
 
 def clip_each(net, max_norm):
@@ -32,11 +37,15 @@ def clip_each(net, max_norm):
             p.grad.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
 
 
-@pytest.mark.parametrize("accumulation,clip", [(1, None), (2, None), (1, 0.05)])
-def test_same_weights_as_ordinary_step(accumulation, clip):
-    ordinary, hooked = model(), model()
-    opt_a = NanoAdam(param_groups(ordinary), **KW)
-    opt_b = NanoAdam(param_groups(hooked), **KW)
+@pytest.mark.parametrize("accumulation,clip,dtype", [(1, None, torch.float32), (2, None, torch.float32),
+                                                    (1, 0.05, torch.float32), (1, None, torch.bfloat16)])
+def test_same_weights_as_ordinary_step(accumulation, clip, dtype):
+    """bf16 weights with stochastic rounding: the random bits come from the step being taken
+    (they came from the previous one in backward before)."""
+    ordinary, hooked = model(dtype), model(dtype)
+    kw = dict(KW, stochastic_rounding=dtype == torch.bfloat16)
+    opt_a = NanoAdam(groups(ordinary), **kw)
+    opt_b = NanoAdam(groups(hooked), **kw)
     opt_b.step_in_backward(gradient_accumulation_steps=accumulation, max_grad_norm_per_tensor=clip)
     for i in range(8 * accumulation):
         loss_of(ordinary, i).backward()
@@ -59,7 +68,7 @@ def test_same_weights_as_ordinary_step(accumulation, clip):
 
 def test_step_refuses_and_stop_restores():
     net = model()
-    opt = NanoAdam(param_groups(net), **KW)
+    opt = NanoAdam(groups(net), **KW)
     opt.step_in_backward()
     loss_of(net, 0).backward()
     with pytest.raises(RuntimeError, match="during backward"):

@@ -293,3 +293,17 @@ def test_optimizer_through_the_triton_path_matches_the_reference(triton_on_cpu):
     assert triton_on_cpu["update"] >= 4 and triton_on_cpu["refresh"] >= 2
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_fused_true_refuses_an_fp16_gpu_parameter_before_changing_anything(triton_on_cpu):
+    """The Triton kernels serve float32 and bf16; fp16 failed only after masks and counters moved."""
+    p32 = torch.nn.Parameter(torch.randn(500))
+    p16 = torch.nn.Parameter(torch.randn(500).half())
+    opt = NanoAdam([{"params": [p32]}, {"params": [p16]}], lr=1e-2, chunk_size=100, fused=True)
+    p32.grad, p16.grad = torch.randn(500), torch.randn(500).half()
+    before = (p32.detach().clone(), p16.detach().clone())
+    with pytest.raises(ValueError, match="fused=True"):
+        opt.step()
+    assert torch.equal(p32, before[0]) and torch.equal(p16, before[1])
+    assert not opt.state and opt.param_groups[0]["step"] == 0
+    assert triton_on_cpu["update"] == triton_on_cpu["refresh"] == 0

@@ -463,7 +463,7 @@ def _bench_step(args) -> int:
     if args.tiny:
         config.shapes = minilm_shapes(vocab=1000, hidden=64, layers=2, ffn=256, positions=64)
         config.foreach_steps = 2
-    with tqdm(total=config.blocks, desc="bench step", unit="block") as bar:
+    with tqdm(total=config.blocks + 1 + config.include_reference, desc="bench step", unit="block") as bar:
         result = run(config, progress=lambda done, total: bar.update(1))
     table = format_table(result)
     print(table)
