@@ -100,11 +100,11 @@ def random_state(numel, chunk_size, density, gen, state_dtype=torch.bfloat16, co
     return param, Mask(pack_index(pos, cohort, layout), m, v, layout)
 
 
-def update_terms(step=7.0, born=(1, 3, 5, 7), offset=0, param_salt=None, lr=HYPER["lr"]):
+def update_terms(step=7, born=(1, 3, 5, 7), offset=0, seed=3, lr=HYPER["lr"]):
     born = list(born) + [0] * (16 - len(born))
     ages = [step - b + 1 if b else 1 for b in born]
-    return UpdateTerms([lr / (1 - 0.9**a) for a in ages], [math.sqrt(1 - 0.999**a) for a in ages], 0xABCDEF,
-                       param_salt, offset)
+    bias = tuple([lr / (1 - 0.9**a) for a in ages] + [math.sqrt(1 - 0.999**a) for a in ages])
+    return UpdateTerms(bias, seed, step, False, offset)
 
 
 def refresh_terms(newborn=5, merge=None, offset=0):
@@ -151,7 +151,7 @@ def test_update_uses_each_entrys_cohort(impl):
     grad = torch.randn(5000, generator=gen)
     before = param.clone()
     hyper = dict(HYPER, weight_decay=0.0)
-    sparse_adamw([param], [grad], [mask], [update_terms(step=50.0, born=(1, 50))], [impl], **hyper)
+    sparse_adamw([param], [grad], [mask], [update_terms(step=50, born=(1, 50))], [impl], **hyper)
     at = global_positions(mask.index, mask.layout)[young]
     g = grad[at]
     torch.testing.assert_close(param[at] - before[at], -hyper["lr"] * g / (g.abs() + 1e-8), rtol=1e-5, atol=1e-9)
@@ -300,6 +300,14 @@ def test_in_place_refresh_of_an_unchanged_mask_still_merges():
     assert fast.index.data_ptr() == old.index.data_ptr()  # same layout: refreshed in place
     assert torch.equal(fast.index, ref.index) and torch.equal(fast.exp_avg_sq, ref.exp_avg_sq)
     assert not (cohort_ids(fast.index, old.layout) == MERGE.young).any()
+
+
+@needs_kernels
+def test_the_kernel_computes_the_same_salts():
+    from nanoadam.rounding import salt
+
+    for ordinal, step, stream in ((0, 1, 1), (7, 123456, 1), (2**31 + 5, 2**40 + 3, 4), (101, 10**12, 3)):
+        assert _cpu.salt(ordinal, step, stream) == salt(ordinal, step, stream)
 
 
 def test_random_keys_depend_on_salt_and_global_position_only():

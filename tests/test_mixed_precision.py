@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from nanoadam import NanoAdam, param_groups
-from nanoadam.rounding import hash32, salt, stochastic_round_bf16
+from nanoadam.rounding import hash32, hash32_int, salt, stochastic_round_bf16
 
 
 def noise(n, seed):
@@ -25,6 +25,16 @@ def test_stochastic_rounding_is_unbiased_and_picks_a_neighbour():
     special = torch.tensor([float("inf"), float("-inf"), float("nan"), 0.0])
     out = stochastic_round_bf16(special, noise(4, 2)).float()
     assert out[0] == float("inf") and out[1] == float("-inf") and out[2].isnan() and out[3] == 0
+
+
+def test_the_tensor_hash_is_its_plain_python_definition():
+    """hash32 relies on int32 multiplication wrapping around; this would catch a platform where it does not."""
+    gen = torch.Generator().manual_seed(0)
+    positions = torch.cat([torch.randint(0, 2**62, (300,), generator=gen), torch.arange(2**31 - 3, 2**31 + 3),
+                           torch.arange(2**32 - 3, 2**32 + 3), torch.tensor([0, 1, 2**63 - 1])])
+    for salt_value in (0, 1, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, salt(5, 77, 2)):
+        expected = [hash32_int(int(p), salt_value) for p in positions]
+        assert hash32(positions, salt_value).tolist() == expected
 
 
 def test_the_hash_is_uniform_and_differs_between_salts():

@@ -51,38 +51,38 @@ PATTERNS = {
 JOIN, AFTER = 1001, 300
 
 
-def late_entry_moves(pattern, mask_interval, fused, lr=1e-4):
-    """Every chunk holds two entries and keeps one. Until step JOIN the second entry is the smaller
-    and trains; at JOIN the first becomes the smaller, is selected by that step's refresh and then
-    gets ``pattern``'s gradients. Returns the first entry's moves from JOIN on."""
+def late_entry_moves(pattern, mask_interval, fused, lr=1e-4, join=JOIN, after=AFTER):
+    """Every chunk holds two entries and keeps one. Until step ``join`` the second entry is the
+    smaller and trains; at ``join`` the first becomes the smaller, is selected by that step's
+    refresh and then gets ``pattern``'s gradients. Returns the first entry's moves from then on."""
     chunks = 4
     p = torch.nn.Parameter(torch.tensor([5.0, 0.5] * chunks))
     opt = NanoAdam([p], lr=lr, density=0.5, chunk_size=2, mask_interval=mask_interval, fused=fused,
                    state_dtype=torch.float32)
     moves = []
-    for t in range(1, JOIN + AFTER):
+    for t in range(1, join + after):
         g = torch.zeros(2 * chunks)
-        if t < JOIN:
+        if t < join:
             g[1::2] = torch.randn(chunks, generator=torch.Generator().manual_seed(t))
         else:
-            g[0::2] = pattern(t - JOIN)
-        if t == JOIN:
+            g[0::2] = pattern(t - join)
+        if t == join:
             with torch.no_grad():
                 p[0::2] = 0.1
                 p[1::2] = 5.0
         p.grad = g
         before = p.detach()[0].item()
         opt.step()
-        if t >= JOIN:
+        if t >= join:
             moves.append(p.detach()[0].item() - before)
     return moves
 
 
-def fresh_adam_moves(pattern, lr=1e-4):
+def fresh_adam_moves(pattern, lr=1e-4, after=AFTER):
     q = torch.nn.Parameter(torch.tensor([0.1]))
     adam = torch.optim.Adam([q], lr=lr)
     moves = []
-    for s in range(AFTER):
+    for s in range(after):
         q.grad = torch.tensor([pattern(s)])
         before = q.item()
         adam.step()

@@ -78,13 +78,9 @@ def admit(born: list[int], step: int, betas: tuple[float, float]) -> tuple[int, 
     return young, merge
 
 
-def bias_tables(born: list[int], step: float, lr: float, betas: tuple[float, float]) -> tuple[list[float], list[float]]:
-    """Per cohort at this update (``step`` counts it): ``lr / (1 - beta1^a)`` and ``sqrt(1 - beta2^a)``
-    with ``a = step - born + 1``; free slots get ``lr`` and 1."""
+def bias_table(born: tuple[int, ...], step: float, lr: float, betas: tuple[float, float]) -> tuple[float, ...]:
+    """Per cohort at this update (``step`` counts it): 16 values ``lr / (1 - beta1^a)``, then 16
+    values ``sqrt(1 - beta2^a)``, with ``a = step - born + 1`` (free slots: age 1)."""
     b1, b2 = betas
-    step_sizes, bc2_sqrt = [], []
-    for b in born:
-        a = step - b + 1 if b != FREE else 1
-        step_sizes.append(lr / (1 - b1**a))
-        bc2_sqrt.append((1 - b2**a) ** 0.5)
-    return step_sizes, bc2_sqrt
+    ages = [step - b + 1 if b != FREE else 1 for b in born]
+    return tuple([lr / (1 - b1**a) for a in ages] + [(1 - b2**a) ** 0.5 for a in ages])

@@ -25,6 +25,7 @@ it never reads the gradient, except for ``selection="large_gradients"``.
 
 from __future__ import annotations
 
+import array
 import warnings
 from typing import NamedTuple
 
@@ -33,7 +34,7 @@ from torch.optim.adamw import adamw as _torch_adamw
 
 from . import _cpu
 from .cohorts import Merge
-from .rounding import hash32, round_to
+from .rounding import STREAM_MOMENTS, STREAM_PARAM, hash32, round_to, salt
 from .selection import (
     ChunkLayout,
     chunk_bottomk,
@@ -57,11 +58,19 @@ class Mask(NamedTuple):
 class UpdateTerms(NamedTuple):
     """What one tensor's update needs beyond the hyperparameters, at this step."""
 
-    step_sizes: list[float]  # per cohort: lr / (1 - beta1^age)
-    bc2_sqrt: list[float]  # per cohort: sqrt(1 - beta2^age)
-    moment_salt: int  # stochastic rounding of bf16 moments
-    param_salt: int | None  # stochastic rounding of bf16 weights; None: round to nearest
+    bias: tuple[float, ...]  # 16 step sizes lr / (1 - beta1^age), then 16 sqrt(1 - beta2^age), per cohort
+    seed: int  # the parameter's ordinal: with ``step``, the salt of its random numbers
+    step: int  # the optimizer step
+    round_params: bool  # bf16 weights rounded stochastically (else to nearest)
     offset: int  # global flat position of the tensor's first local entry (FSDP2 shards)
+
+    @property
+    def moment_salt(self) -> int:
+        return salt(self.seed, self.step, STREAM_MOMENTS)
+
+    @property
+    def param_salt(self) -> int | None:
+        return salt(self.seed, self.step, STREAM_PARAM) if self.round_params else None
 
 
 class RefreshTerms(NamedTuple):
@@ -185,8 +194,9 @@ def sparse_adamw(
             by[REFERENCE] += pick
     if by[CPU_KERNEL]:
         _cpu_sparse_adamw(*([x[i] for i in by[CPU_KERNEL]] for x in (params, grads, masks, terms)), **hyper)
+    tables: dict = {}  # one bias tensor per distinct cohort table
     for i in by[REFERENCE]:
-        _reference_sparse_adamw(params[i], grads[i], masks[i], terms[i], **hyper)
+        _reference_sparse_adamw(params[i], grads[i], masks[i], terms[i], **hyper, tables=tables)
 
 
 def _flat(param: torch.Tensor) -> torch.Tensor:
@@ -199,13 +209,19 @@ def moment_noise(at: torch.Tensor, salt_value: int, offset: int) -> tuple[torch.
     return h & 0xFFFF, h >> 16
 
 
-def _reference_sparse_adamw(param, grad, mask: Mask, terms: UpdateTerms, *, lr, beta1, beta2, eps, weight_decay):
+def _reference_sparse_adamw(param, grad, mask: Mask, terms: UpdateTerms, *, lr, beta1, beta2, eps, weight_decay,
+                            tables: dict | None = None):
     flat = _flat(param)
     lay = mask.layout
-    at = global_positions(mask.index, lay)
-    cohort = cohort_ids(mask.index, lay)
-    step_size = torch.tensor(terms.step_sizes, dtype=torch.float32, device=at.device)[cohort]
-    bc2_sqrt = torch.tensor(terms.bc2_sqrt, dtype=torch.float32, device=at.device)[cohort]
+    raw = mask.index.long()
+    at = global_positions(raw, lay)
+    cohort = (raw >> lay.position_bits) & 15
+    table = None if tables is None else tables.get(id(terms.bias))
+    if table is None:
+        table = torch.tensor(terms.bias, dtype=torch.float32, device=at.device)
+        if tables is not None:
+            tables[id(terms.bias)] = table
+    step_size, bc2_sqrt = table[cohort], table[16 + cohort]
     w = flat[at].float()
     g = grad.reshape(-1)[at].float()
     m = mask.exp_avg.float()
@@ -216,31 +232,39 @@ def _reference_sparse_adamw(param, grad, mask: Mask, terms: UpdateTerms, *, lr, 
     m.lerp_(g, 1 - beta1)
     v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     denom = (v.sqrt() / bc2_sqrt).add_(eps)
-    w = w + (step_size.neg() * m) / denom
+    w = w + (step_size.neg_() * m) / denom
     if flat.dtype == torch.bfloat16 and terms.param_salt is not None:
         w = round_to(w, torch.bfloat16, hash32(at + terms.offset, terms.param_salt) & 0xFFFF)
     flat.index_copy_(0, at, w.to(flat.dtype))
     if flat.data_ptr() != param.data_ptr() or not param.is_contiguous():
         param.copy_(flat.view_as(param))
-    noise_m, noise_v = moment_noise(at, terms.moment_salt, terms.offset)
+    noise_m = noise_v = None
+    if mask.exp_avg.dtype == torch.bfloat16:
+        noise_m, noise_v = moment_noise(at, terms.moment_salt, terms.offset)
     mask.exp_avg.copy_(round_to(m, mask.exp_avg.dtype, noise_m))
     mask.exp_avg_sq.copy_(round_to(v, mask.exp_avg_sq.dtype, noise_v))
 
 
 def _cpu_sparse_adamw(params, grads, masks, terms, *, lr, beta1, beta2, eps, weight_decay):
-    tables = torch.tensor([t.step_sizes + t.bc2_sqrt for t in terms], dtype=torch.float32)
-    tasks = []
-    for i, (p, g, mask, term) in enumerate(zip(params, grads, masks, terms)):
+    # Tensors whose cohort tables agree (one param group refreshes together) share one bias table,
+    # the same tuple object (NanoAdam makes them so; equal tuples that are not shared cost a row).
+    slot: dict[int, int] = {}
+    rows = []
+    for term in terms:
+        if id(term.bias) not in slot:
+            slot[id(term.bias)] = len(rows)
+            rows.append(term.bias)
+    tables = torch.tensor(rows, dtype=torch.float32)
+    base, row = tables.data_ptr(), tables.stride(0) * tables.element_size()
+    words = []
+    for p, g, mask, term in zip(params, grads, masks, terms):
         lay = mask.layout
-        tasks.append(
-            _cpu.UpdateTask(
-                p.data_ptr(), g.data_ptr(), mask.index.data_ptr(), mask.exp_avg.data_ptr(),
-                mask.exp_avg_sq.data_ptr(), tables[i].data_ptr(), lay.numel, lay.chunk_size, lay.k, lay.k_last,
-                term.offset, mask.index.element_size(), mask.exp_avg.element_size(), lay.position_bits,
-                term.moment_salt, 1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, eps,
-            )
-        )
-    _cpu.sparse_adamw(tasks)
+        words += (p.data_ptr(), g.data_ptr(), mask.index.data_ptr(), mask.exp_avg.data_ptr(),
+                  mask.exp_avg_sq.data_ptr(), base + row * slot[id(term.bias)], lay.numel, lay.chunk_size, lay.k,
+                  lay.k_last, term.offset, mask.index.element_size(), mask.exp_avg.element_size(), lay.position_bits,
+                  term.seed)
+    _cpu.sparse_adamw(array.array("q", words), decay=1 - lr * weight_decay, one_minus_beta1=1 - beta1, beta2=beta2,
+                      one_minus_beta2=1 - beta2, eps=eps, step=terms[0].step)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.optim import Optimizer
@@ -17,7 +17,7 @@ from torch.optim import Optimizer
 from . import _cpu
 from . import _dtensor as _dt
 from ._validation import check_adam_hyperparameters, check_positive_int, is_number
-from .cohorts import COHORTS, admit, bias_tables, new_table
+from .cohorts import COHORTS, admit, bias_table, new_table
 from .functional import (
     Mask,
     RefreshTerms,
@@ -28,7 +28,7 @@ from .functional import (
     refresh_masks,
     sparse_adamw,
 )
-from .rounding import STREAM_MERGE, STREAM_MOMENTS, STREAM_PARAM, STREAM_RANDOM, salt
+from .rounding import STREAM_MERGE, STREAM_PARAM, STREAM_RANDOM, salt
 from .selection import INT16_CHUNK_LIMIT, MAX_CHUNK_SIZE, SELECTIONS, ChunkLayout, positions
 
 _STATE_DTYPES = (torch.bfloat16, torch.float32)
@@ -85,6 +85,24 @@ def _distributed_world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+class _StateView(NamedTuple):
+    """Numbers of one parameter's sparse state, and the tensors they were read from."""
+
+    density_tensor: torch.Tensor
+    chunk_size_tensor: torch.Tensor
+    born_tensor: torch.Tensor
+    layout: ChunkLayout
+    density: float
+    born: tuple[int, ...]  # interned: parameters with equal cohort tables share one tuple
+
+    def reads(self, state: dict[str, Any]) -> bool:
+        return (state["mask_density"] is self.density_tensor and state["mask_chunk_size"] is self.chunk_size_tensor
+                and state["cohort_born"] is self.born_tensor)
+
+    def changed(self, density: float, chunk_size: int) -> bool:
+        return self.density != density or self.layout.chunk_size != chunk_size
+
+
 class NanoAdam(Optimizer):
     r"""AdamW that updates, in every tensor, only the weights of smallest magnitude.
 
@@ -92,9 +110,10 @@ class NanoAdam(Optimizer):
     ``mask_interval`` steps the ``ceil(density * L)`` entries of each chunk (length ``L``) chosen
     by ``selection`` are selected, and only they get AdamW updates (weight decay included). Adam
     moments exist for the selected entries alone, in ``state_dtype``, next to their in-chunk
-    positions (int16; int32 when ``chunk_size`` exceeds 32768). Every other entry stays bitwise
-    unchanged. Groups with ``sparse=False`` (classifier heads, normalization layers: see
-    :func:`nanoadam.param_groups`) are trained with plain AdamW and float32 moments.
+    positions (int16 for chunks of up to 4096 entries, int32 beyond: 6 bytes a kept entry at the
+    defaults). Every other entry stays bitwise unchanged. Groups with ``sparse=False`` (classifier
+    heads, normalization layers: see :func:`nanoadam.param_groups`) are trained with plain AdamW
+    and float32 moments.
 
     Args:
         params: parameters or parameter groups; every argument below may be set per group.
@@ -105,21 +124,29 @@ class NanoAdam(Optimizer):
         density: fraction of each tensor that is updated, ``0 < density <= 1``.
         mask_interval: steps between mask refreshes; ``None`` keeps the mask chosen at the
             first step (static mask). A group whose ``density`` changed is refreshed at once.
-        chunk_size: entries per chunk; selection is per chunk, never global.
+        chunk_size: entries per chunk (at most ``2**27``); selection is per chunk, never global.
         selection: ``"small_weights"`` (the paper), ``"large_weights"``, ``"random"`` or
             ``"large_gradients"`` (largest ``|grad|`` at the refresh step).
-        state_dtype: dtype of the moments of sparse groups, ``torch.bfloat16`` or ``torch.float32``.
+        state_dtype: dtype of the moments of sparse groups, ``torch.bfloat16`` (stored with
+            stochastic rounding, so that they track float32 moments) or ``torch.float32``.
         sparse: ``False`` trains the group with plain AdamW.
-        stochastic_rounding: write updated bfloat16 weights with stochastic rounding (sparse
-            groups), so that updates below half a bf16 step still move weights on average.
-        fused: ``None`` uses the compiled CPU kernels where they apply, ``False`` the eager
-            PyTorch reference everywhere, ``True`` requires the kernels.
+        stochastic_rounding: write updated bfloat16 weights with stochastic rounding, so that
+            updates below half a bf16 step still move weights on average.
+        fused: ``None`` uses the compiled CPU kernels or the Triton kernels where they apply,
+            ``False`` the eager PyTorch reference everywhere, ``True`` requires a kernel for every
+            sparse parameter (checked before anything changes).
 
     Step ``t`` (one counter per optimizer, kept in every param group as ``"step"``) refreshes the
     mask of a sparse tensor when it has none, when ``(t - 1) % mask_interval == 0`` or when its
     group's density or chunk size changed. Entries selected before and after a refresh keep their
-    moments; how new entries are bias-corrected is described in :mod:`nanoadam.functional`. Bias
-    correction counts each parameter's own steps, as in ``torch.optim.AdamW``.
+    moments; a newly selected entry starts from zero moments and is bias-corrected for its own
+    age, like a fresh ``torch.optim.Adam`` (per refresh cohort: :mod:`nanoadam.cohorts`). Ages
+    count each parameter's own steps, as in ``torch.optim.AdamW``. Every random number (bf16
+    rounding, ``selection="random"``) is a hash of the parameter's ordinal, the step and the
+    entry's position (:mod:`nanoadam.rounding`): resume is bit-exact and ranks agree.
+
+    Every check of a step (hyperparameters, gradients, state kinds and devices, ``fused=True``)
+    runs for all groups before any mask, counter, moment or weight changes.
     """
 
     def __init__(
@@ -292,7 +319,7 @@ class NanoAdam(Optimizer):
 
     def _step_sparse(self, group: dict[str, Any], params: list[torch.Tensor], t: int,
                      ordinals: dict[int, int]) -> None:
-        betas = group["betas"]
+        betas, lr = group["betas"], group["lr"]
         density, chunk_size, interval = group["density"], group["chunk_size"], group["mask_interval"]
         state_dtype, selection, fused = group["state_dtype"], group["selection"], group["fused"]
         states = [self.state[p] for p in params]
@@ -304,17 +331,16 @@ class NanoAdam(Optimizer):
         torch._foreach_add_(step_tensors, 1.0)
         steps = [s.item() for s in step_tensors]
         # DTensor parameters (FSDP2): every rank works on its local shard.
-        shards = [_dt.local(p) for p in params]
-        grads = [_dt.local(p.grad) for p in params]
-        offsets = [_dt.global_offset(p) for p in params]
+        if any(_dt.is_dtensor(p) for p in params):
+            shards = [_dt.local(p) for p in params]
+            grads = [_dt.local(p.grad) for p in params]
+            offsets = [_dt.global_offset(p) for p in params]
+        else:
+            shards, grads, offsets = params, [p.grad for p in params], [0] * len(params)
         seeds = [ordinals[id(p)] for p in params]
-        stale = [
-            i for i, state in enumerate(states)
-            if "index" not in state
-            or (interval is not None and (t - 1) % interval == 0)
-            or state["mask_density"].item() != density
-            or state["mask_chunk_size"].item() != chunk_size
-        ]
+        refresh_step = interval is not None and (t - 1) % interval == 0
+        stale = [i for i, (p, state) in enumerate(zip(params, states))
+                 if refresh_step or "index" not in state or self._cached(p, state).changed(density, chunk_size)]
         if stale:
             terms = []
             for i in stale:
@@ -331,23 +357,44 @@ class NanoAdam(Optimizer):
             )
             for i, mask in zip(stale, fresh):
                 self._store_mask(params[i], mask, density, chunk_size)
-        masks = [self._mask(p) for p in params]
-        terms = []
-        for i, state in enumerate(states):
-            step_sizes, bc2_sqrt = bias_tables(state["cohort_born"].tolist(), steps[i], group["lr"], betas)
-            param_salt = salt(seeds[i], t, STREAM_PARAM) if group["stochastic_rounding"] else None
-            terms.append(UpdateTerms(step_sizes, bc2_sqrt, salt(seeds[i], t, STREAM_MOMENTS), param_salt, offsets[i]))
-        sparse_adamw(
-            shards, grads, masks, terms,
-            [implementation(s, g, m.exp_avg.dtype, None, fused) for s, g, m in zip(shards, grads, masks)],
-            lr=group["lr"], beta1=betas[0], beta2=betas[1], eps=group["eps"], weight_decay=group["weight_decay"],
-        )
+        masks, terms, impls = [], [], []
+        tables: dict[tuple[int, float], tuple[float, ...]] = {}  # tensors of a group mostly share one
+        for i, (p, state) in enumerate(zip(params, states)):
+            cached = self._cached(p, state)
+            mask = self._mask(p, cached.layout)
+            key = (id(cached.born), steps[i])
+            if key not in tables:
+                tables[key] = bias_table(cached.born, steps[i], lr, betas)
+            masks.append(mask)
+            terms.append(UpdateTerms(tables[key], seeds[i], t, group["stochastic_rounding"], offsets[i]))
+            # The update follows the moments' dtype, which stays the old one until the next refresh.
+            impls.append(implementation(shards[i], grads[i], mask.exp_avg.dtype, None, fused))
+        sparse_adamw(shards, grads, masks, terms, impls, lr=lr, beta1=betas[0], beta2=betas[1], eps=group["eps"],
+                     weight_decay=group["weight_decay"])
 
-    def _mask(self, p: torch.Tensor) -> Mask | None:
+    def _cached(self, p: torch.Tensor, state: dict[str, Any]) -> _StateView:
+        """Numbers read from a parameter's sparse state (layout, density, cohort births). Cached per
+        parameter and keyed on the identity of the state tensors they come from, which every
+        refresh and every load replaces: reading them as numbers each step costs more than the
+        update of a small tensor."""
+        cache = self.__dict__.setdefault("_state_views", {})
+        view = cache.get(id(p))
+        if view is None or not view.reads(state):
+            interned = self.__dict__.setdefault("_cohort_tables", {})
+            if len(interned) > 4096:  # one entry per distinct table ever seen: keep it bounded
+                interned.clear()
+            born = tuple(state["cohort_born"].tolist())
+            view = cache[id(p)] = _StateView(
+                state["mask_density"], state["mask_chunk_size"], state["cohort_born"],
+                ChunkLayout.build(_dt.local(p).numel(), int(state["mask_chunk_size"]), float(state["mask_density"])),
+                float(state["mask_density"]), interned.setdefault(born, born))
+        return view
+
+    def _mask(self, p: torch.Tensor, layout: ChunkLayout | None = None) -> Mask | None:
         state = self.state[p]
         if "index" not in state:
             return None
-        layout = ChunkLayout.build(_dt.local(p).numel(), int(state["mask_chunk_size"]), float(state["mask_density"]))
+        layout = layout or self._cached(p, state).layout
         tensors = [state[k] for k in ("index", "exp_avg", "exp_avg_sq")]
         if _dt.is_dtensor(tensors[0]):
             tensors = [_dt.local_row(t, layout.kept) for t in tensors]

@@ -9,8 +9,7 @@ an FSDP2 parameter draw what the unsharded parameter would.
 
 The hash is murmur3's 32-bit finalizer (a bijection with full avalanche) of ``position ^ salt``;
 the C++ kernel (``csrc/cpu_kernels.cpp``) and the Triton kernel compute the same integers, so
-all paths round identically. Here it runs on int64 tensors, holding 32-bit values, with
-multiplications split so that no intermediate leaves the int64 range.
+all paths round identically.
 
 Stochastic rounding of a float32 ``x`` to bfloat16 adds a 16-bit random integer to its bits and
 truncates: ``x`` rounds away from zero with probability equal to the fraction cut off, so the
@@ -50,22 +49,37 @@ def salt(ordinal: int, step: int, stream: int) -> int:
     return fmix32_int(h ^ (stream * 0x632BE5AB))
 
 
-def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:
-    """``(h * c) mod 2^32`` for int64 ``h`` in [0, 2^32): split so nothing overflows int64."""
-    low = h * (c & 0xFFFF)
-    high = ((h * (c >> 16)) & 0xFFFF) << 16
-    return (low + high) & _M32
+def _int32(c: int) -> int:
+    """A 32-bit pattern as the int32 that holds it."""
+    c &= _M32
+    return c - (1 << 32) if c >= 1 << 31 else c
 
 
 def hash32(positions: torch.Tensor, salt_value: int) -> torch.Tensor:
-    """32-bit hashes (int64 in [0, 2^32)) of int64 global ``positions`` under ``salt_value``."""
+    """32-bit hashes (int64 in [0, 2^32)) of int64 global ``positions`` under ``salt_value``.
+
+    Computed in int32 lanes, where torch's multiplication wraps around like the kernels' uint32
+    arithmetic (3x faster than int64 lanes); right shifts are masked to act as logical shifts.
+    ``tests/test_mixed_precision.py`` holds it to the plain-Python definition."""
     pos = positions.long()
-    h = (pos & _M32) ^ _mul32(pos >> 32, 0x9E3779B9) ^ (salt_value & _M32)
-    h = h ^ (h >> 16)
-    h = _mul32(h, 0x85EBCA6B)
-    h = h ^ (h >> 13)
-    h = _mul32(h, 0xC2B2AE35)
-    return h ^ (h >> 16)
+    low = pos & _M32
+    x = (low - ((low >> 31) << 32)).to(torch.int32)
+    high = pos >> 32
+    if bool((high != 0).any()):
+        x = x ^ (high.to(torch.int32) * _int32(0x9E3779B9))
+    h = x ^ _int32(salt_value)
+    h = h ^ ((h >> 16) & 0xFFFF)
+    h = h * _int32(0x85EBCA6B)
+    h = h ^ ((h >> 13) & 0x7FFFF)
+    h = h * _int32(0xC2B2AE35)
+    h = h ^ ((h >> 16) & 0xFFFF)
+    return h.long() & _M32
+
+
+def hash32_int(position: int, salt_value: int) -> int:
+    """The definition of :func:`hash32`, one position at a time in plain Python."""
+    x = (position & _M32) ^ (((position >> 32) * 0x9E3779B9) & _M32) ^ (salt_value & _M32)
+    return fmix32_int(x)
 
 
 def stochastic_round_bf16(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -76,7 +90,9 @@ def stochastic_round_bf16(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     x = x.float().contiguous()
     bits = x.view(torch.int32)
     rounded = ((bits + noise.to(torch.int32)) & ~0xFFFF).view(torch.float32)
-    return torch.where(torch.isfinite(x), rounded, x).to(torch.bfloat16)
+    if not bool(torch.isfinite(x).all()):  # only then: noise could carry a NaN's payload into its sign
+        rounded = torch.where(torch.isfinite(x), rounded, x)
+    return rounded.to(torch.bfloat16)
 
 
 def round_to(x: torch.Tensor, dtype: torch.dtype, noise: torch.Tensor | None) -> torch.Tensor:

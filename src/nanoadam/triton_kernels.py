@@ -272,7 +272,7 @@ def _task_table(rows: tuple, device: torch.device) -> tuple[torch.Tensor, torch.
 def _step_terms(terms, device: torch.device) -> torch.Tensor:
     """The per-step table: per tensor, 16 step sizes and 16 bias corrections (float32 bits), then the
     moment and parameter salts, as int32 words on ``device``."""
-    floats = torch.tensor([t.step_sizes + t.bc2_sqrt for t in terms], dtype=torch.float32).view(torch.int32)
+    floats = torch.tensor([t.bias for t in terms], dtype=torch.float32).view(torch.int32)
     salts = torch.tensor([[t.moment_salt, t.param_salt or 0, 0, 0] for t in terms], dtype=torch.int64)
     salts = torch.where(salts >= 1 << 31, salts - (1 << 32), salts).to(torch.int32)
     host = torch.cat([floats, salts], dim=1).contiguous()
