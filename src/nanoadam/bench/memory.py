@@ -77,9 +77,10 @@ def layout_formula_bytes(name: str, tensors: list[TensorInfo], hyper: dict) -> i
         elif name in ("nanoadam", "nanoadam-static"):
             if t.sparse:
                 layout = ChunkLayout.build(d, hyper.get("chunk_size", 4096), hyper.get("density", 0.1))
-                index_bytes = 2 if layout.chunk_size <= 32768 else 4
+                index_bytes = layout.index_dtype.itemsize  # int16 up to 4096-entry chunks, int32 beyond
                 state_bytes = 2 if str(hyper.get("state_dtype", "bfloat16")).endswith("bfloat16") else 4
-                total += layout.kept * (index_bytes + 2 * state_bytes) + 4 + 8 + 8  # step, mask density, chunk size
+                # + step, mask density, chunk size, and the table of 16 cohort births (int64)
+                total += layout.kept * (index_bytes + 2 * state_bytes) + 4 + 8 + 8 + 16 * 8
             else:
                 total += 8 * d + 4
         else:
