@@ -252,15 +252,17 @@ def test_deepcopy_and_pickle_continue_identically():
 
 
 @pytest.mark.parametrize("fused", FUSED)
-def test_resume_is_bit_exact_across_refreshes(fused):
-    kw = dict(lr=1e-2, density=0.1, mask_interval=3, chunk_size=100, weight_decay=0.01, fused=fused)
+@pytest.mark.parametrize("mask_interval,steps", [(3, 10), (1, 40)])  # 1: cohorts merge from step 17 on
+def test_resume_is_bit_exact_across_refreshes(fused, mask_interval, steps):
+    kw = dict(lr=1e-2, density=0.1, mask_interval=mask_interval, chunk_size=100, weight_decay=0.01, fused=fused)
     straight = make_params()
     opt = NanoAdam(straight, **kw)
-    train(opt, straight, 10)
+    train(opt, straight, steps)
 
+    half = steps // 2 + 3
     resumed = make_params()
     first = NanoAdam(resumed, **kw)
-    train(first, resumed, 5)
+    train(first, resumed, half)
     buffer = io.BytesIO()
     torch.save({"model": [p.detach() for p in resumed], "opt": first.state_dict()}, buffer)
     buffer.seek(0)
@@ -270,7 +272,7 @@ def test_resume_is_bit_exact_across_refreshes(fused):
     second.load_state_dict(saved["opt"])
     assert second.state_bytes() == first.state_bytes()
     assert second.state[restarted[0]]["exp_avg"].dtype == torch.bfloat16
-    train(second, restarted, 5, start=5)
+    train(second, restarted, steps - half, start=half)
     assert all(torch.equal(a, b) for a, b in zip(straight, restarted))
     for a, b in zip(straight, restarted):
         for key, value in opt.state[a].items():
