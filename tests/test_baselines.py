@@ -6,7 +6,7 @@ import torch
 from nanoadam import DensityScheduler, NanoAdam
 from nanoadam.baselines import MissingExtraError, available_optimizers, build_optimizer, optimizer_state_bytes
 from nanoadam.baselines.registry import REGISTRY, galore_target_names
-from nanoadam.bench.memory import layout_formula_bytes
+from nanoadam.bench.formulas import layout_formula_bytes
 
 transformers = pytest.importorskip("transformers")
 

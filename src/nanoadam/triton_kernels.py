@@ -39,6 +39,7 @@ import math
 
 import torch
 
+from .masks import carry_moments
 from .selection import ChunkLayout, chunk_bottomk, position_bits, random_keys, selection_keys
 
 try:  # pragma: no cover - depends on the environment
@@ -360,8 +361,6 @@ def chunk_bottomk_triton(keys_or_values: torch.Tensor, layout: ChunkLayout, sele
 def refresh_triton(params, grads, old_masks, layouts, terms, *, selection, state_dtype):
     """``functional._reference_refresh`` for each tensor with the bottom-k done by
     :func:`chunk_bottomk_triton`; cohorts and moments carried over with torch ops, as there."""
-    from .functional import carry_moments
-
     _require_triton()
     out = []
     for param, grad, old, layout, term in zip(params, grads, old_masks, layouts, terms):

@@ -6,7 +6,7 @@ steps; the median and the mean (amortized, refreshes and SVDs included) of the p
 reported, and their ratio to fused AdamW measured in the same process.
 
 State bytes: every tensor each optimizer keeps (``optimizer_state_bytes``), next to the layout
-formula of ``bench/memory.py`` evaluated on the model's shapes.
+formula of ``bench/formulas.py`` evaluated on the model's shapes.
 
 Peak memory: each optimizer in a fresh Python process loads the model, then runs full training
 steps (forward, backward, step, zero_grad) on a ``batch x seq`` batch; the increase of the peak
@@ -32,7 +32,7 @@ from .._io import DEFAULT_MMAP_THRESHOLD, allocator_note, measurement_env, reset
 from ..baselines import available_optimizers, build_optimizer, optimizer_state_bytes
 from ..baselines.registry import REGISTRY, galore_target_names
 from ..grouping import dense_parameter_names
-from .memory import TensorInfo, layout_formula_bytes
+from .formulas import TensorInfo, layout_formula_bytes
 from .step import machine_info
 
 DEFAULT_MODEL = "minilm"
