@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from nanoadam import DensityScheduler, NanoAdam
-from nanoadam.baselines import MissingExtraError, available_optimizers, build_optimizer, optimizer_state_bytes
-from nanoadam.baselines.registry import REGISTRY, galore_target_names
-from nanoadam.bench.formulas import layout_formula_bytes
+from nanoadam_lab.baselines import MissingExtraError, available_optimizers, build_optimizer, optimizer_state_bytes
+from nanoadam_lab.baselines.registry import REGISTRY, galore_target_names
+from nanoadam_lab.bench.formulas import layout_formula_bytes
 
 transformers = pytest.importorskip("transformers")
 
@@ -47,7 +47,7 @@ def test_every_entry_builds_steps_and_matches_its_memory_formula(name):
     train_steps(model, bundle)
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
     assert "classifier.weight" in changed and "bert.encoder.layer.0.attention.self.query.weight" in changed
-    from nanoadam.bench.optimizers import tensor_infos
+    from nanoadam_lab.bench.optimizers import tensor_infos
 
     formula = layout_formula_bytes(name, tensor_infos(model), {**REGISTRY[name].defaults, **bundle.hyperparameters})
     assert optimizer_state_bytes(bundle.optimizer) == pytest.approx(formula, rel=0.02)
@@ -98,7 +98,7 @@ def test_bad_requests_name_the_problem(name, kwargs, match):
 
 
 def test_missing_library_names_the_extra(monkeypatch):
-    from nanoadam.baselines import registry
+    from nanoadam_lab.baselines import registry
 
     real_import = registry.importlib.import_module
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from nanoadam.cli import main
+from nanoadam_lab.cli import main
 
 
 @pytest.mark.parametrize("argv", [["bench", "step", "--density", "2"], ["bench", "step", "--blocks", "0"],
@@ -19,7 +19,7 @@ def test_bad_input_is_one_line_and_exit_2(argv, capsys):
 
 
 def test_console_script_reports_bad_input_without_traceback():
-    proc = subprocess.run([sys.executable, "-m", "nanoadam.cli", "bench", "step", "--density", "0"],
+    proc = subprocess.run([sys.executable, "-m", "nanoadam_lab.cli", "bench", "step", "--density", "0"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "density" in proc.stderr
 

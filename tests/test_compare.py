@@ -9,10 +9,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 
-from nanoadam.cli import main  # noqa: E402
-from nanoadam.experiments.compare import CompareConfig, _write_atomic, best_lr, run_compare  # noqa: E402
-from nanoadam.experiments.glue import run  # noqa: E402
-from nanoadam.experiments.report import glue_table, plot_curves  # noqa: E402
+from nanoadam_lab.cli import main  # noqa: E402
+from nanoadam_lab.experiments.compare import CompareConfig, _write_atomic, best_lr, run_compare  # noqa: E402
+from nanoadam_lab.experiments.glue import run  # noqa: E402
+from nanoadam_lab.experiments.report import glue_table, plot_curves  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "glue")
 if not os.path.isdir(DATA):
@@ -58,7 +58,7 @@ def test_optimizers_take_turns_so_machine_drift_is_shared(tmp_path, monkeypatch)
         calls.append(str(path.relative_to(tmp_path / "runs/rte")))
         _write_atomic(path, {"score": config.lr, "config": {"lr": config.lr}})
 
-    from nanoadam.experiments import compare
+    from nanoadam_lab.experiments import compare
     monkeypatch.setattr(compare, "summarize", lambda config: {})  # the fake runs hold no metrics
     run_compare(config, execute=fake)
     assert calls == ["adamw/tune-lr0.0001-seed0.json", "nanoadam/tune-lr0.001-seed0.json",
@@ -106,8 +106,8 @@ def test_data_folder_without_expected_fields(tmp_path, capsys):
 
 
 def test_ablation_miniature(tmp_path):
-    from nanoadam.experiments.ablation import AblationConfig, markdown, plot
-    from nanoadam.experiments.ablation import run as run_ablation
+    from nanoadam_lab.experiments.ablation import AblationConfig, markdown, plot
+    from nanoadam_lab.experiments.ablation import run as run_ablation
 
     config = AblationConfig(task="rte", data_dir=DATA, out=str(tmp_path), seeds=1, small_lr_grid=[1e-3],
                             gradient_lr_grid=[1e-4, 1e-3], intervals=[1], run_settings=TINY)
@@ -130,7 +130,7 @@ def test_ablation_miniature(tmp_path):
 
 
 def test_slow_runs_are_found_and_set_aside(tmp_path):
-    from nanoadam.experiments.compare import _retimed, retime, slow_runs
+    from nanoadam_lab.experiments.compare import _retimed, retime, slow_runs
 
     folder = tmp_path / "runs" / "rte" / "adamw"
     for name, step in [("final-lr1e-4-seed0", 0.30), ("final-lr1e-4-seed1", 0.33), ("final-lr1e-4-seed2", 0.90),
@@ -145,7 +145,7 @@ def test_slow_runs_are_found_and_set_aside(tmp_path):
 
 
 def test_retime_finals_sets_aside_every_final_of_the_task_and_the_table_lists_reruns(tmp_path):
-    from nanoadam.experiments.compare import _retimed, retime_finals
+    from nanoadam_lab.experiments.compare import _retimed, retime_finals
 
     for task, name in [("stsb", "adamw/final-lr1e-4-seed0"), ("stsb", "nanoadam/final-lr1e-3-seed1"),
                        ("stsb", "adamw/tune-lr1e-4-seed0"), ("rte", "adamw/final-lr1e-4-seed0")]:

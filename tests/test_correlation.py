@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from nanoadam.analysis.correlation import (
+from nanoadam_lab.analysis.correlation import (
     CorrelationConfig,
     _top_location,
     rho,

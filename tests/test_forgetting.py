@@ -8,10 +8,10 @@ import os
 import pytest
 import torch
 
-from nanoadam.experiments import forgetting as F
-from nanoadam.experiments.demo import run_demo
 from nanoadam.grouping import dense_parameter_names
 from nanoadam.selection import ChunkLayout
+from nanoadam_lab.experiments import forgetting as F
+from nanoadam_lab.experiments.demo import run_demo
 
 TINY = dict(n_seeds=2, channels=(4, 8, 8), hidden=16, pretrain_epochs=3, epochs=2.0, batch_size=64,
             optimizers=["adamw", "nanoadam"], lr_grids={"adamw": [1e-3, 3e-3], "nanoadam": [1e-2]},

@@ -1,4 +1,4 @@
-"""The CPU port of MicroAdam (nanoadam.baselines.microadam), checked against independent recomputations."""
+"""The CPU port of MicroAdam (nanoadam_lab.baselines.microadam), checked against independent recomputations."""
 
 import copy
 import io
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from nanoadam.baselines.microadam import MicroAdam, dequantize, quantize, window_statistics
+from nanoadam_lab.baselines.microadam import MicroAdam, dequantize, quantize, window_statistics
 
 # A layout with several top-k blocks and a shorter tail block, several quantization buckets and a
 # shorter last bucket, and an odd number of entries (the last byte of the error holds one code).

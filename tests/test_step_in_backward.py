@@ -91,8 +91,8 @@ def test_memory_benchmarks_fix_the_allocator_for_every_process(monkeypatch):
     import json
     import subprocess
 
-    from nanoadam._io import measurement_env
-    from nanoadam.bench import backward
+    from nanoadam_lab._io import measurement_env
+    from nanoadam_lab.bench import backward
 
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     assert "MALLOC_MMAP_THRESHOLD_" not in measurement_env(None)
@@ -100,7 +100,7 @@ def test_memory_benchmarks_fix_the_allocator_for_every_process(monkeypatch):
     real_run = subprocess.run
 
     def fake_run(cmd, env=None, **kwargs):
-        if "nanoadam.bench.backward" not in cmd:
+        if "nanoadam_lab.bench.backward" not in cmd:
             return real_run(cmd, env=env, **kwargs)
         envs.append(env)
         row = {"setting": cmd[3], "optimizer": cmd[4], "params": 1, "peak_training_mb": 2.0, "model_mb": 1.0,

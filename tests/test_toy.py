@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from nanoadam.experiments import toy
+from nanoadam_lab.experiments import toy
 
 TINY = dict(n_seeds=2, student_width=12, n_train=200, n_test=500, pretrain_steps=1500, pretrain_lr=0.2,
             finetune_steps=60, finetune_lr=0.05, fraction=0.25, mask_interval=5)

@@ -71,7 +71,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from .._validation import check_adam_hyperparameters, check_positive_int, is_int
+from nanoadam._validation import check_adam_hyperparameters, check_positive_int, is_int
 
 __all__ = [
     "MicroAdam",
@@ -265,7 +265,7 @@ class MicroAdam(Optimizer):
     r"""MicroAdam: Adam over a window of the last ``m`` top-k sparse gradients with 4-bit error feedback.
 
     A CPU-capable port of ``ista_daslab_optimizers.MicroAdam``; the algorithm, the state layout and
-    the deviations from the official code are described in :mod:`nanoadam.baselines.microadam`.
+    the deviations from the official code are described in :mod:`nanoadam_lab.baselines.microadam`.
 
     Args:
         params: parameters or parameter groups; every argument below may be set per group, but the

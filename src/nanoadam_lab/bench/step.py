@@ -21,8 +21,8 @@ from datetime import datetime, timezone
 
 import torch
 
-from .. import _cpu
-from ..optimizer import NanoAdam
+from nanoadam import _cpu
+from nanoadam.optimizer import NanoAdam
 
 
 def minilm_shapes(vocab: int = 30522, hidden: int = 384, layers: int = 6, ffn: int = 1536,

@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..grouping import DEFAULT_HEAD_NAMES, dense_parameter_names, param_groups
-from ..optimizer import NanoAdam
-from ..schedule import DensityScheduler
+from nanoadam.grouping import DEFAULT_HEAD_NAMES, dense_parameter_names, param_groups
+from nanoadam.optimizer import NanoAdam
+from nanoadam.schedule import DensityScheduler
 
 
 class MissingExtraError(ImportError):
@@ -137,7 +137,7 @@ def _microadam(model, lr, total_steps, *, betas, eps, weight_decay, m, density, 
 
     opt = MicroAdam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, m=m, density=density,
                     block_size=block_size, quant_bucket=quant_bucket)
-    return OptimizerBundle(opt, hyperparameters={"implementation": "nanoadam.baselines.microadam (port)"})
+    return OptimizerBundle(opt, hyperparameters={"implementation": "nanoadam_lab.baselines.microadam (port)"})
 
 
 def _nanoadam(model, lr, total_steps, *, betas, eps, weight_decay, density, mask_interval, chunk_size, selection,

@@ -59,7 +59,7 @@ def allocator_note(mmap_threshold: int | None) -> str:
     if mmap_threshold is None:
         return "glibc's default (dynamic) mmap threshold."
     return (f"MALLOC_MMAP_THRESHOLD_={mmap_threshold} in every measured process, so that heap fragmentation "
-            "does not decide the peak (see nanoadam._io.measurement_env).")
+            "does not decide the peak (see nanoadam_lab._io.measurement_env).")
 
 
 def reset_peak_rss() -> bool:

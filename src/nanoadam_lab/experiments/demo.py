@@ -1,12 +1,12 @@
 """The project's demo: does NanoAdam forget less than AdamW? (offline, about 40 s on one CPU thread)
 
-The vision comparison of :mod:`nanoadam.experiments.forgetting` restricted to AdamW and NanoAdam:
+The vision comparison of :mod:`nanoadam_lab.experiments.forgetting` restricted to AdamW and NanoAdam:
 a small CNN pretrained on digits 0-4 of scikit-learn's 8x8 digits, finetuned on digits 5-9 (task 1)
 and then on the same digits rotated by 90 degrees (task 2, new head); task 1 is scored again with
 its own head reloaded. Learning rates are tuned on held-out training data. Prints the table and
 writes ``forgetting.json``, ``forgetting.md`` and ``forgetting_vision.png`` into ``out_dir``.
 
-Run: ``nanoadam demo`` (or ``python -m nanoadam.experiments.demo [out_dir]``; default ``results/demo``).
+Run: ``nanoadam demo`` (or ``python -m nanoadam_lab.experiments.demo [out_dir]``; default ``results/demo``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def run_demo(out_dir: str, seed: int = 0, progress: bool = True, command: str | 
 
     ``vision_overrides``: further :class:`VisionConfig` fields (e.g. ``epochs=2`` for a quick check)."""
     vision = VisionConfig(seed=seed, optimizers=list(DEMO_OPTIMIZERS), **vision_overrides)
-    command = command or (f"python -c \"from nanoadam.experiments.demo import run_demo; "
+    command = command or (f"python -c \"from nanoadam_lab.experiments.demo import run_demo; "
                           f"run_demo({out_dir!r}, seed={seed})\"")
     result = run(ForgettingConfig(vision=vision, language=None, command=command), progress=progress)
     written = write_outputs(result, out_dir)

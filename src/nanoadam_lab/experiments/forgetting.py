@@ -6,7 +6,7 @@ score task 1; keep a copy of the task-1 head; (2) replace the head by a new one 
 finetune the same network on task 2 with a fresh optimizer (new state, new mask); score task 2;
 (3) put the task-1 head back (the copy kept after stage 1, bitwise) and score task 1 again.
 Forgetting = task-1 score after task 1 minus task-1 score after task 2. Parameter shift: the L2
-distance of the backbone (head excluded, :mod:`nanoadam.analysis.shift`) from the pretrained
+distance of the backbone (head excluded, :mod:`nanoadam_lab.analysis.shift`) from the pretrained
 weights after both tasks, and the fraction of backbone weights that are bitwise unchanged.
 
 Learning rates are tuned per optimizer and per task on held-out slices of the training data, never
@@ -29,7 +29,7 @@ Two domains:
   task 1 = classify digits 5-9, task 2 = classify the same digits rotated by 90 degrees, under a
   different label map. See :class:`VisionConfig` for every choice.
 * ``language``: MiniLM-L6 (offline), SST-2 then CoLA from the GLUE data, the ``quick`` budget and
-  learning-rate grids of the GLUE comparison (:mod:`nanoadam.experiments.compare`).
+  learning-rate grids of the GLUE comparison (:mod:`nanoadam_lab.experiments.compare`).
 
 ``run(ForgettingConfig(...))`` returns a JSON-serializable dict; ``write_outputs`` writes
 ``forgetting.json``, ``forgetting.md`` and ``forgetting_<domain>.png``. Reproduce the committed
@@ -737,7 +737,7 @@ def merge_results(base: dict, new: dict) -> dict:
 # outputs
 
 
-LANGUAGE_CALL = ("from nanoadam.experiments.forgetting import ForgettingConfig, LanguageConfig, main\n"
+LANGUAGE_CALL = ("from nanoadam_lab.experiments.forgetting import ForgettingConfig, LanguageConfig, main\n"
                  "main(ForgettingConfig(vision=None, language=LanguageConfig()), out_dir='docs/results/forgetting', "
                  "merge=True)")
 
@@ -1085,7 +1085,7 @@ def python_call(config: ForgettingConfig, out_dir: str | None = None, merge: boo
            f"language={part(config.language, LanguageConfig)})"
     if out_dir is not None:
         args += f", out_dir={out_dir!r}" + (", merge=True" if merge else "")
-    return ("python -c \"from nanoadam.experiments.forgetting import ForgettingConfig, LanguageConfig, VisionConfig, "
+    return ("python -c \"from nanoadam_lab.experiments.forgetting import ForgettingConfig, LanguageConfig, VisionConfig, "
             f"main; main({args})\"")
 
 

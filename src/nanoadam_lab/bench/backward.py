@@ -34,7 +34,7 @@ class BackwardBenchConfig:
     steps: int = 2
     threads: int = 2
     density: float = 0.1
-    mmap_threshold: int | None = DEFAULT_MMAP_THRESHOLD  # see nanoadam._io.measurement_env
+    mmap_threshold: int | None = DEFAULT_MMAP_THRESHOLD  # see nanoadam_lab._io.measurement_env
 
 
 def _build(setting: str):
@@ -60,8 +60,8 @@ def _build(setting: str):
 
 
 def _worker(setting: str, optimizer: str, steps: int, threads: int, density: float) -> dict:
-    from ..grouping import param_groups
-    from ..optimizer import NanoAdam
+    from nanoadam.grouping import param_groups
+    from nanoadam.optimizer import NanoAdam
 
     torch.set_num_threads(threads)
     before_model = status_kb("VmRSS")
@@ -91,7 +91,7 @@ def run(config: BackwardBenchConfig, progress=None) -> dict:
     rows = []
     for setting in config.settings:
         for optimizer in config.optimizers:
-            cmd = [sys.executable, "-m", "nanoadam.bench.backward", setting, optimizer, str(config.steps),
+            cmd = [sys.executable, "-m", "nanoadam_lab.bench.backward", setting, optimizer, str(config.steps),
                    str(config.threads), str(config.density)]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=measurement_env(config.mmap_threshold),
                                   timeout=3600)

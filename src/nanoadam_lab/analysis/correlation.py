@@ -32,7 +32,7 @@ import torch
 
 from .._io import atomic_write_text
 
-_REPRODUCE_MODULE = "nanoadam.analysis.correlation"
+_REPRODUCE_MODULE = "nanoadam_lab.analysis.correlation"
 KINDS = ("query", "key", "value", "qkv", "attn_out", "ffn_in", "ffn_out")
 PLOT_TAG = {"finetune": "pretrained init (finetune)", "scratch": "random init (scratch)"}
 

@@ -28,10 +28,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from nanoadam.grouping import dense_parameter_names
+
 from .._io import DEFAULT_MMAP_THRESHOLD, allocator_note, measurement_env, reset_peak_rss, status_kb
 from ..baselines import available_optimizers, build_optimizer, optimizer_state_bytes
 from ..baselines.registry import REGISTRY, galore_target_names
-from ..grouping import dense_parameter_names
 from .formulas import TensorInfo, layout_formula_bytes
 from .step import machine_info
 
@@ -51,7 +52,7 @@ class BenchConfig:
     seq: int = 128
     memory: bool = True
     memory_steps: int = 3
-    mmap_threshold: int | None = DEFAULT_MMAP_THRESHOLD  # see nanoadam._io.measurement_env
+    mmap_threshold: int | None = DEFAULT_MMAP_THRESHOLD  # see nanoadam_lab._io.measurement_env
     seed: int = 0
 
 
@@ -154,7 +155,7 @@ def run(config: BenchConfig, progress=None) -> dict:
 
 def measure_peak_memory(name: str, config: BenchConfig) -> dict:
     """Runs the memory worker for one optimizer in a fresh process."""
-    cmd = [sys.executable, "-m", "nanoadam.bench.optimizers", "--memory-worker", name,
+    cmd = [sys.executable, "-m", "nanoadam_lab.bench.optimizers", "--memory-worker", name,
            json.dumps({k: getattr(config, k) for k in ("model", "config", "lr", "batch", "seq", "memory_steps",
                                                       "threads", "seed")})]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=measurement_env(config.mmap_threshold),
@@ -204,4 +205,4 @@ if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--memory-worker":
         print(json.dumps(_memory_worker(sys.argv[2], json.loads(sys.argv[3]))))
     else:
-        sys.exit("usage: python -m nanoadam.bench.optimizers --memory-worker NAME SETTINGS_JSON")
+        sys.exit("usage: python -m nanoadam_lab.bench.optimizers --memory-worker NAME SETTINGS_JSON")

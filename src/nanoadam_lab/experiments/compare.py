@@ -131,7 +131,7 @@ class RunExecutor:
 
     def __init__(self):
         self.ctx = multiprocessing.get_context("forkserver")
-        self.ctx.set_forkserver_preload(["torch", "transformers", "nanoadam.experiments.glue"])
+        self.ctx.set_forkserver_preload(["torch", "transformers", "nanoadam_lab.experiments.glue"])
 
     def __call__(self, config: GlueRunConfig, path: Path) -> str | None:
         queue = self.ctx.Queue()

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ..grouping import DEFAULT_HEAD_NAMES, is_head
+from nanoadam.grouping import DEFAULT_HEAD_NAMES, is_head
 
 
 def backbone_snapshot(model: nn.Module, head_names: Iterable[str] = DEFAULT_HEAD_NAMES) -> dict[str, torch.Tensor]:
