@@ -1085,8 +1085,8 @@ def python_call(config: ForgettingConfig, out_dir: str | None = None, merge: boo
            f"language={part(config.language, LanguageConfig)})"
     if out_dir is not None:
         args += f", out_dir={out_dir!r}" + (", merge=True" if merge else "")
-    return ("python -c \"from nanoadam_lab.experiments.forgetting import ForgettingConfig, LanguageConfig, VisionConfig, "
-            f"main; main({args})\"")
+    return ("python -c \"from nanoadam_lab.experiments.forgetting import ForgettingConfig, LanguageConfig, "
+            f"VisionConfig, main; main({args})\"")
 
 
 def main(config: ForgettingConfig | None = None, out_dir: str = DEFAULT_OUT_DIR, merge: bool = False,
