@@ -91,29 +91,47 @@ def touched_sectors(positions: torch.Tensor, element_size: int, sector: int = 32
     return int((s[1:] != s[:-1]).sum()) + 1 if s.numel() else 0
 
 
+def update_terms(params, lr, step=10):
+    """The per-tensor terms of one update: every entry in a cohort born at step 1."""
+    from nanoadam.cohorts import bias_table, new_table
+    from nanoadam.masks import UpdateTerms
+
+    bias = bias_table(tuple([1] + new_table().tolist()[1:]), step, lr, (0.9, 0.999))
+    return [UpdateTerms(bias, i, step, False, 0) for i in range(len(params))]
+
+
+def refresh_terms(params):
+    from nanoadam.masks import RefreshTerms
+
+    return [RefreshTerms(0, None, 1, 2, 0) for _ in params]
+
+
 def check_kernels(device) -> None:
     """A quick correctness check of both kernels against the eager reference on this device."""
     from nanoadam import functional
     from nanoadam import triton_kernels as tk
-    from nanoadam.selection import ChunkLayout, chunk_bottomk, selection_keys
+    from nanoadam.selection import ChunkLayout, chunk_bottomk, pack_index, selection_keys
 
     gen = torch.Generator(device=device).manual_seed(1)
     numel = 1_000_003
     layout = ChunkLayout.build(numel, 4096, 0.1)
     param = torch.randn(numel, generator=gen, device=device)
     grad = torch.randn(numel, generator=gen, device=device)
-    index = tk.chunk_bottomk_triton(param, layout, "small_weights")
-    if not torch.equal(index, chunk_bottomk(selection_keys(param, "small_weights"), layout)):
+    positions = tk.chunk_bottomk_triton(param, layout, "small_weights")
+    if not torch.equal(positions, chunk_bottomk(selection_keys(param, "small_weights"), layout)):
         raise SystemExit("check failed: chunk_bottomk_triton differs from the reference")
-    masks = [functional.Mask(index, torch.zeros(layout.kept, device=device),
-                             torch.full((layout.kept,), functional.NEW_ENTRY, device=device), layout)
-             for _ in range(2)]
+    index = pack_index(positions, torch.zeros_like(positions, dtype=torch.long), layout)
+    masks = [functional.Mask(index, torch.full((layout.kept,), 1e-3, device=device).bfloat16(),
+                             torch.full((layout.kept,), 1e-6, device=device).bfloat16(), layout) for _ in range(2)]
     ref, got = param.clone(), param.clone()
     hyper = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
-    functional._single_tensor_sparse_adamw(ref, grad, masks[0], 3.0, **hyper)
-    tk.sparse_adamw_triton([got], [grad], [masks[1]], [3.0], **hyper)
+    terms = update_terms([param], hyper["lr"])
+    functional._reference_sparse_adamw(ref, grad, masks[0], terms[0], **hyper)
+    tk.sparse_adamw_triton([got], [grad], [masks[1]], terms, **hyper)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(masks[1].exp_avg_sq, masks[0].exp_avg_sq, rtol=1e-5, atol=1e-12)
+    same = (masks[1].exp_avg_sq == masks[0].exp_avg_sq).float().mean().item()
+    if same < 0.999:  # the same random bits: stochastic rounding agrees but where float32 values differ
+        raise SystemExit(f"check failed: bf16 moments agree on {same:.4f} of entries only")
 
 
 def bench_update(params, args, timer, device) -> dict:
@@ -124,11 +142,12 @@ def bench_update(params, args, timer, device) -> dict:
     flat = [p.detach().view(-1) for p in sparse]
     grads = [p.grad.view(-1) for p in sparse]
     layouts = [ChunkLayout.build(p.numel(), args.chunk_size, args.density) for p in sparse]
-    kw = dict(selection="small_weights", state_dtype=DTYPES[args.state_dtype], seeds=[0] * len(sparse))
-    masks = tk.refresh_triton(flat, grads, [None] * len(sparse), layouts, **kw)
+    kw = dict(selection="small_weights", state_dtype=DTYPES[args.state_dtype])
+    masks = tk.refresh_triton(flat, grads, [None] * len(sparse), layouts, refresh_terms(flat), **kw)
     for m in masks:
         m.exp_avg_sq.fill_(1e-6)  # ordinary entries: every step reads and writes both moments
-    refresh_ms = timer.median(lambda: tk.refresh_triton(flat, grads, masks, layouts, **kw), args.repeats)
+    refresh_ms = timer.median(lambda: tk.refresh_triton(flat, grads, masks, layouts, refresh_terms(flat), **kw),
+                              args.repeats)
 
     moved, kept = 0, 0
     for p, m in zip(flat, masks):
@@ -137,8 +156,8 @@ def bench_update(params, args, timer, device) -> dict:
         moved += touched_sectors(at, p.element_size()) * 32 * 3  # param read + written, grad read
         kept += m.layout.kept
     hyper = dict(lr=1e-5, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
-    steps = [10.0] * len(flat)
-    update_ms = timer.median(lambda: tk.sparse_adamw_triton(flat, grads, masks, steps, **hyper), args.repeats)
+    terms = update_terms(flat, hyper["lr"])
+    update_ms = timer.median(lambda: tk.sparse_adamw_triton(flat, grads, masks, terms, **hyper), args.repeats)
 
     src = torch.empty(moved // 2, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)

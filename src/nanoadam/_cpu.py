@@ -1,8 +1,9 @@
 """ctypes binding to the fused CPU kernels in ``csrc/cpu_kernels.cpp``.
 
-The library is built at install time as ``nanoadam/_cpu_kernels*.so``. ``available()`` says
-whether it loaded; callers fall back to the eager reference path when it did not. Set
-``NANOADAM_DISABLE_CPU_KERNELS=1`` to force the reference path (tests use this to compare).
+The library is built at install time as ``nanoadam/_cpu_kernels.so``, a plain shared library
+(libstdc++ and libgomp, no libpython). ``available()`` says whether it loaded; callers fall back
+to the eager reference path when it did not. Set ``NANOADAM_DISABLE_CPU_KERNELS=1`` to force the
+reference path (tests use this to compare).
 """
 
 from __future__ import annotations
@@ -60,9 +61,11 @@ KEY_SOURCES = {"small_weights": 0, "large_weights": 1, "large_gradients": 2}
 
 
 def _library_path() -> Path | None:
+    """The compiled library: a plain shared library (``setup.py`` builds ``_cpu_kernels.so``); a
+    CPython-tagged name is still found for installs made before it was plain."""
     here = Path(__file__).resolve().parent
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        candidate = here / f"_cpu_kernels{suffix}"
+    for name in ["_cpu_kernels.so"] + [f"_cpu_kernels{suffix}" for suffix in importlib.machinery.EXTENSION_SUFFIXES]:
+        candidate = here / name
         if candidate.exists():
             return candidate
     return None
