@@ -50,3 +50,22 @@ def check_positive_int(h: dict[str, Any], name: str, what: str = "an int >= 1") 
             raise TypeError(f"Invalid {name}: {value!r} (expected {what})")
         if value < 1:
             raise ValueError(f"Invalid {name}: {value} (expected {what})")
+
+
+def checked_param_group(param_group: Any, optimizer: str) -> dict[str, Any]:
+    """``param_group`` with ``params`` as a list, after the checks torch.optim makes (a dict, an
+    ordered collection) and ours (real floating-point tensors); TypeError names what is wrong."""
+    if not isinstance(param_group, dict):
+        raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+    params = param_group.get("params")
+    if isinstance(params, set):
+        raise TypeError("optimizer parameters need to be organized in ordered collections, but the "
+                        "ordering of tensors in sets will change between runs; use a list instead")
+    params = [params] if isinstance(params, torch.Tensor) else list(params or [])
+    for p in params:
+        if isinstance(p, torch.Tensor) and p.is_complex():
+            raise TypeError(f"{optimizer} does not support complex parameters (params of dtype {p.dtype}); "
+                            "view them as real with torch.view_as_real")
+        if isinstance(p, torch.Tensor) and not p.is_floating_point():
+            raise TypeError(f"{optimizer} needs floating-point params, got one of dtype {p.dtype}")
+    return {**param_group, "params": params}

@@ -16,7 +16,7 @@ from torch.optim import Optimizer
 
 from . import _cpu
 from . import _dtensor as _dt
-from ._validation import check_adam_hyperparameters, check_positive_int, is_number
+from ._validation import check_adam_hyperparameters, check_positive_int, checked_param_group, is_number
 from .cohorts import COHORTS, admit, bias_table, new_table
 from .functional import (
     Mask,
@@ -178,22 +178,8 @@ class NanoAdam(Optimizer):
     # -- groups -------------------------------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if not isinstance(param_group, dict):
-            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
-        params = param_group.get("params")
-        if isinstance(params, set):
-            raise TypeError("optimizer parameters need to be organized in ordered collections, but the "
-                            "ordering of tensors in sets will change between runs; use a list instead")
-        params = [params] if isinstance(params, torch.Tensor) else list(params or [])
-        param_group = {**param_group, "params": params}
-        candidate = {**self.defaults, **param_group}
-        _check_hyperparameters(candidate)
-        for p in params:
-            if isinstance(p, torch.Tensor) and p.is_complex():
-                raise TypeError("NanoAdam does not support complex parameters (params of dtype "
-                                f"{p.dtype}); view them as real with torch.view_as_real")
-            if isinstance(p, torch.Tensor) and not p.is_floating_point():
-                raise TypeError(f"NanoAdam needs floating-point params, got one of dtype {p.dtype}")
+        param_group = checked_param_group(param_group, "NanoAdam")
+        _check_hyperparameters({**self.defaults, **param_group})
         super().add_param_group(param_group)
         self.param_groups[-1]["step"] = self._optimizer_step()
         if getattr(self, "_in_backward", None) is not None:

@@ -71,7 +71,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from nanoadam._validation import check_adam_hyperparameters, check_positive_int, is_int
+from nanoadam._validation import check_adam_hyperparameters, check_positive_int, checked_param_group, is_int
 
 __all__ = [
     "MicroAdam",
@@ -300,21 +300,9 @@ class MicroAdam(Optimizer):
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if not isinstance(param_group, dict):
-            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
-        params = param_group.get("params")
-        if isinstance(params, set):
-            raise TypeError("optimizer parameters need to be organized in ordered collections, but the "
-                            "ordering of tensors in sets will change between runs; use a list instead")
-        params = [params] if isinstance(params, torch.Tensor) else list(params or [])
+        param_group = checked_param_group(param_group, "MicroAdam")
         _check_hyperparameters({**self.defaults, **param_group})
-        for p in params:
-            if isinstance(p, torch.Tensor) and p.is_complex():
-                raise TypeError(f"MicroAdam does not support complex parameters (params of dtype {p.dtype}); "
-                                "view them as real with torch.view_as_real")
-            if isinstance(p, torch.Tensor) and not p.is_floating_point():
-                raise TypeError(f"MicroAdam needs floating-point params, got one of dtype {p.dtype}")
-        super().add_param_group({**param_group, "params": params})
+        super().add_param_group(param_group)
 
     # -- state --------------------------------------------------------------------------------
 
