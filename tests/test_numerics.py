@@ -255,3 +255,94 @@ def test_a_pickled_optimizer_without_later_keys_steps():
     p.grad = torch.randn(100)
     revived.step()
     assert revived.param_groups[0]["fused"] is None
+
+
+# -- review findings ------------------------------------------------------------------------------------
+
+
+def test_one_bias_table_per_device_on_the_reference_path():
+    """A group whose tensors sit on two devices (a model split across GPUs; a meta tensor stands
+    in for the second device here) shares a cohort table, not the tensor holding it."""
+    from nanoadam import functional
+    from nanoadam.masks import Mask, UpdateTerms
+    from nanoadam.selection import ChunkLayout, pack_index
+
+    layout = ChunkLayout.build(100, 50, 0.1)
+    bias = tuple([1e-3] * 16 + [0.5] * 16)
+
+    def tensor_on(device):
+        pos = torch.tensor([0, 1, 2, 3, 4] * 2, device=device)
+        index = pack_index(pos, torch.zeros(10, dtype=torch.long, device=device), layout)
+        zeros = torch.zeros(10, device=device)
+        return torch.randn(100, device=device), torch.randn(100, device=device), Mask(index, zeros, zeros, layout)
+
+    (p1, g1, m1), (p2, g2, m2) = tensor_on("meta"), tensor_on("cpu")
+    before = p2.clone()
+    functional.sparse_adamw([p1, p2], [g1, g2], [m1, m2], [UpdateTerms(bias, 0, 1, False, 0)] * 2,
+                            [functional.REFERENCE] * 2, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+    assert (p2 != before).sum() == 10
+
+
+def trained(steps=12, mask_interval=1):
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(2000) * 0.1)]
+    opt = NanoAdam(params, lr=1e-2, density=0.2, mask_interval=mask_interval, chunk_size=100)
+    for t in range(steps):
+        params[0].grad = torch.randn(2000, generator=torch.Generator().manual_seed(t))
+        opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize("corrupt", ["born after the step count", "repeated births", "free cohort named",
+                                     "float table"])
+def test_a_corrupt_cohort_table_is_refused_before_anything_changes(corrupt):
+    params, opt = trained()
+    state_dict = copy.deepcopy(opt.state_dict())
+    state = state_dict["state"][0]
+    if corrupt == "born after the step count":
+        state["cohort_born"][1] = 99
+    elif corrupt == "repeated births":
+        state["cohort_born"][2] = state["cohort_born"][1]
+    elif corrupt == "float table":
+        state["cohort_born"] = state["cohort_born"].double()
+    else:
+        state["cohort_born"][:] = 0
+        state["cohort_born"][0] = 1
+    twin_params, twin = trained(steps=3)
+    before = copy.deepcopy(twin.state_dict())
+    with pytest.raises(ValueError, match="cohort"):
+        twin.load_state_dict(state_dict)
+    after = twin.state_dict()
+    assert all(torch.equal(v, after["state"][0][k]) for k, v in before["state"][0].items())
+
+
+def test_state_written_in_place_is_read_afresh():
+    """torch.distributed.checkpoint may load into the optimizer's own state tensors: the numbers
+    NanoAdam caches per parameter must follow."""
+    ref_params, ref = trained(steps=20, mask_interval=7)  # steps 20 and 21 run on cached numbers
+    params, opt = trained(steps=3, mask_interval=7)
+    with torch.no_grad():
+        params[0].copy_(ref_params[0])
+    for key, value in ref.state[ref_params[0]].items():
+        target = opt.state[params[0]][key]
+        if target.shape == value.shape and target.dtype == value.dtype:
+            target.copy_(value)
+        else:
+            opt.state[params[0]][key] = value.clone()
+    opt.param_groups[0]["step"] = ref.param_groups[0]["step"]
+    for t in range(20, 25):
+        for p, o in ((ref_params[0], ref), (params[0], opt)):
+            p.grad = torch.randn(2000, generator=torch.Generator().manual_seed(t))
+            o.step()
+    assert torch.equal(ref_params[0], params[0])
+
+
+def test_masks_of_an_unpickled_optimizer_from_before_cohorts():
+    params, opt = trained(steps=3, mask_interval=None)  # one cohort, born at step 1: the old scale
+    state = opt.__getstate__()
+    old = as_old_checkpoint({"state": {0: state["state"][params[0]]},
+                             "param_groups": [dict(g, params=[0]) for g in state["param_groups"]]})
+    state["state"][params[0]] = old["state"][0]
+    revived = NanoAdam.__new__(NanoAdam)
+    revived.__setstate__(state)
+    assert revived.masks()[params[0]].sum() == 2000 * 0.2

@@ -151,7 +151,7 @@ def sparse_adamw(
             by[REFERENCE] += pick
     if by[CPU_KERNEL]:
         _cpu_sparse_adamw(*([x[i] for i in by[CPU_KERNEL]] for x in (params, grads, masks, terms)), **hyper)
-    tables: dict = {}  # one bias tensor per distinct cohort table
+    tables: dict = {}  # one bias tensor per distinct cohort table and device
     for i in by[REFERENCE]:
         _reference_sparse_adamw(params[i], grads[i], masks[i], terms[i], **hyper, tables=tables)
 
@@ -167,11 +167,12 @@ def _reference_sparse_adamw(param, grad, mask: Mask, terms: UpdateTerms, *, lr, 
     raw = mask.index.long()
     at = global_positions(raw, lay)
     cohort = (raw >> lay.position_bits) & 15
-    table = None if tables is None else tables.get(id(terms.bias))
+    key = (id(terms.bias), at.device)  # a group may span devices (a model split across GPUs)
+    table = None if tables is None else tables.get(key)
     if table is None:
         table = torch.tensor(terms.bias, dtype=torch.float32, device=at.device)
         if tables is not None:
-            tables[id(terms.bias)] = table
+            tables[key] = table
     step_size, bc2_sqrt = table[cohort], table[16 + cohort]
     w = flat[at].float()
     g = grad.reshape(-1)[at].float()

@@ -29,7 +29,7 @@ from .functional import (
     sparse_adamw,
 )
 from .rounding import STREAM_MERGE, STREAM_PARAM, STREAM_RANDOM, salt
-from .selection import INT16_CHUNK_LIMIT, MAX_CHUNK_SIZE, SELECTIONS, ChunkLayout, positions
+from .selection import INT16_CHUNK_LIMIT, MAX_CHUNK_SIZE, SELECTIONS, ChunkLayout, cohort_ids, positions
 
 _STATE_DTYPES = (torch.bfloat16, torch.float32)
 # Per-parameter bookkeeping of sparse tensors, read on the host every step.
@@ -86,18 +86,23 @@ def _distributed_world() -> int:
 
 
 class _StateView(NamedTuple):
-    """Numbers of one parameter's sparse state, and the tensors they were read from."""
+    """Numbers of one parameter's sparse state, and the tensors (with their in-place versions)
+    they were read from."""
 
-    density_tensor: torch.Tensor
-    chunk_size_tensor: torch.Tensor
-    born_tensor: torch.Tensor
+    sources: tuple  # (tensor, tensor._version) of mask_density, mask_chunk_size, cohort_born
     layout: ChunkLayout
     density: float
     born: tuple[int, ...]  # interned: parameters with equal cohort tables share one tuple
 
+    @staticmethod
+    def sources_of(state: dict[str, Any]) -> tuple:
+        return tuple((t, t._version) for t in (state["mask_density"], state["mask_chunk_size"], state["cohort_born"]))
+
     def reads(self, state: dict[str, Any]) -> bool:
-        return (state["mask_density"] is self.density_tensor and state["mask_chunk_size"] is self.chunk_size_tensor
-                and state["cohort_born"] is self.born_tensor)
+        """Whether the state still holds the very tensors this was read from, unmodified (a load
+        replaces them; torch.distributed.checkpoint may write into them in place)."""
+        return all(state[key] is t and t._version == version
+                   for key, (t, version) in zip(("mask_density", "mask_chunk_size", "cohort_born"), self.sources))
 
     def changed(self, density: float, chunk_size: int) -> bool:
         return self.density != density or self.layout.chunk_size != chunk_size
@@ -363,6 +368,8 @@ class NanoAdam(Optimizer):
         parameter and keyed on the identity of the state tensors they come from, which every
         refresh and every load replaces: reading them as numbers each step costs more than the
         update of a small tensor."""
+        if "cohort_born" not in state:  # an unpickled optimizer from before cohorts
+            self._upgrade_state(p)
         cache = self.__dict__.setdefault("_state_views", {})
         view = cache.get(id(p))
         if view is None or not view.reads(state):
@@ -371,7 +378,7 @@ class NanoAdam(Optimizer):
                 interned.clear()
             born = tuple(state["cohort_born"].tolist())
             view = cache[id(p)] = _StateView(
-                state["mask_density"], state["mask_chunk_size"], state["cohort_born"],
+                _StateView.sources_of(state),
                 ChunkLayout.build(_dt.local(p).numel(), int(state["mask_chunk_size"]), float(state["mask_density"])),
                 float(state["mask_density"]), interned.setdefault(born, born))
         return view
@@ -523,6 +530,25 @@ class NanoAdam(Optimizer):
 
     # -- checkpoints --------------------------------------------------------------------------
 
+    @staticmethod
+    def _check_cohorts(state: dict[str, Any], index: torch.Tensor, layout: ChunkLayout, where: str) -> None:
+        """A cohort table of 16 integer birth steps, each 0 (free) or within the parameter's own
+        steps and distinct, and entries that name used slots only."""
+        born = state["cohort_born"]
+        if tuple(born.shape) != (COHORTS,) or born.dtype != torch.int64:
+            raise ValueError(f"state_dict {where}: cohort_born must be {COHORTS} int64 birth steps, got shape "
+                             f"{tuple(born.shape)} of {born.dtype}")
+        steps = float(state["step"]) if "step" in state else 0.0
+        used = [int(b) for b in born.tolist() if b != 0]
+        if any(b < 1 or b > steps for b in used) or len(set(used)) != len(used):
+            raise ValueError(f"state_dict {where}: cohort_born {born.tolist()} is not a table of distinct steps "
+                             f"between 1 and the parameter's step count {steps:g}")
+        if index.numel():
+            named = torch.unique(cohort_ids(index, layout)).tolist()
+            free = [c for c in named if int(born[c]) == 0]
+            if free:
+                raise ValueError(f"state_dict {where}: entries name cohorts {free}, which the table marks free")
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:  # checkpoints from before a key existed
@@ -612,12 +638,10 @@ class NanoAdam(Optimizer):
         index = _dt.local(state["index"])
         has_cohorts = "cohort_born" in state
         if has_cohorts:
-            born = state["cohort_born"]
-            if tuple(born.shape) != (COHORTS,):
-                raise ValueError(f"state_dict {where}: cohort_born has shape {tuple(born.shape)}, "
-                                 f"expected ({COHORTS},)")
+            layout = ChunkLayout.build(1, chunk_size, density)
+            NanoAdam._check_cohorts(state, index, layout, where)
             int16_limit = INT16_CHUNK_LIMIT
-            at = positions(index, ChunkLayout.build(1, chunk_size, density))
+            at = positions(index, layout)
         else:  # saved before cohorts: plain positions
             int16_limit = _OLD_INT16_CHUNK_LIMIT
             at = index.long()
