@@ -101,8 +101,10 @@ class _StateView(NamedTuple):
     def reads(self, state: dict[str, Any]) -> bool:
         """Whether the state still holds the very tensors this was read from, unmodified (a load
         replaces them; torch.distributed.checkpoint may write into them in place)."""
-        return all(state[key] is t and t._version == version
-                   for key, (t, version) in zip(("mask_density", "mask_chunk_size", "cohort_born"), self.sources))
+        (density, d), (chunk_size, c), (born, b) = self.sources
+        return (state["mask_density"] is density and state["mask_chunk_size"] is chunk_size
+                and state["cohort_born"] is born and density._version == d and chunk_size._version == c
+                and born._version == b)
 
     def changed(self, density: float, chunk_size: int) -> bool:
         return self.density != density or self.layout.chunk_size != chunk_size
@@ -330,8 +332,8 @@ class NanoAdam(Optimizer):
             shards, grads, offsets = params, [p.grad for p in params], [0] * len(params)
         seeds = [ordinals[id(p)] for p in params]
         refresh_step = interval is not None and (t - 1) % interval == 0
-        stale = [i for i, (p, state) in enumerate(zip(params, states))
-                 if refresh_step or "index" not in state or self._cached(p, state).changed(density, chunk_size)]
+        views = [self._cached(p, state) if "index" in state else None for p, state in zip(params, states)]
+        stale = [i for i, view in enumerate(views) if refresh_step or view is None or view.changed(density, chunk_size)]
         if stale:
             terms = []
             for i in stale:
@@ -348,10 +350,10 @@ class NanoAdam(Optimizer):
             )
             for i, mask in zip(stale, fresh):
                 self._store_mask(params[i], mask, density, chunk_size)
+                views[i] = self._cached(params[i], states[i])
         masks, terms, impls = [], [], []
         tables: dict[tuple[int, float], tuple[float, ...]] = {}  # tensors of a group mostly share one
-        for i, (p, state) in enumerate(zip(params, states)):
-            cached = self._cached(p, state)
+        for i, (p, cached) in enumerate(zip(params, views)):
             mask = self._mask(p, cached.layout)
             key = (id(cached.born), steps[i])
             if key not in tables:
