@@ -54,8 +54,10 @@ def new_table() -> torch.Tensor:
     return torch.zeros(COHORTS, dtype=torch.int64)
 
 
-def _age_ratio(a_old: int, a_young: int, betas: tuple[float, float]) -> float:
-    return max((1 - b**a_old) / (1 - b**a_young) if b > 0 else 1.0 for b in betas)
+def _correction_ratio(beta: float, a_old: int, a_young: int) -> float:
+    """``(1 - beta^a_old) / (1 - beta^a_young)``: how much more an older cohort's moments have
+    accumulated; the factor that rescales a younger cohort's moments when it joins the older."""
+    return (1 - beta**a_old) / (1 - beta**a_young) if beta > 0 else 1.0
 
 
 def admit(born: list[int], step: int, betas: tuple[float, float]) -> tuple[int, Merge | None]:
@@ -68,12 +70,11 @@ def admit(born: list[int], step: int, betas: tuple[float, float]) -> tuple[int, 
             return slot, None
     order = sorted(range(COHORTS), key=lambda c: born[c])  # oldest first (births are distinct)
     ages = [step - born[c] for c in order]  # updates each cohort has had so far
-    best = min(range(COHORTS - 1), key=lambda j: (_age_ratio(ages[j], ages[j + 1], betas), j))
+    best = min(range(COHORTS - 1),
+               key=lambda j: (max(_correction_ratio(b, ages[j], ages[j + 1]) for b in betas), j))
     old, young = order[best], order[best + 1]
-    a_old, a_young = ages[best], ages[best + 1]
-    b1, b2 = betas
-    merge = Merge(young, old, (1 - b1**a_old) / (1 - b1**a_young) if b1 > 0 else 1.0,
-                  (1 - b2**a_old) / (1 - b2**a_young) if b2 > 0 else 1.0)
+    m_factor, v_factor = (_correction_ratio(b, ages[best], ages[best + 1]) for b in betas)
+    merge = Merge(young, old, m_factor, v_factor)
     born[young] = step
     return young, merge
 

@@ -34,7 +34,7 @@ from torch.optim.adamw import adamw as _torch_adamw
 from . import _cpu
 from .masks import Mask, RefreshTerms, UpdateTerms, carry_moments, moment_noise
 from .rounding import hash32, round_to
-from .selection import ChunkLayout, chunk_bottomk, global_positions, random_keys, selection_keys
+from .selection import ChunkLayout, chunk_bottomk, cohort_ids, global_positions, random_keys, selection_keys
 
 __all__ = ["Mask", "RefreshTerms", "UpdateTerms", "carry_moments", "implementation", "fused_applies", "sparse_adamw",
            "refresh_masks", "dense_adamw", "REFERENCE", "CPU_KERNEL", "TRITON"]
@@ -164,9 +164,9 @@ def _reference_sparse_adamw(param, grad, mask: Mask, terms: UpdateTerms, *, lr, 
                             tables: dict | None = None):
     flat = _flat(param)
     lay = mask.layout
-    raw = mask.index.long()
+    raw = mask.index.long()  # decoded once: both readers below take it as it is
     at = global_positions(raw, lay)
-    cohort = (raw >> lay.position_bits) & 15
+    cohort = cohort_ids(raw, lay)
     key = (id(terms.bias), at.device)  # a group may span devices (a model split across GPUs)
     table = None if tables is None else tables.get(key)
     if table is None:

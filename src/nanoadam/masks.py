@@ -83,8 +83,11 @@ def carry_moments(pos: torch.Tensor, layout: ChunkLayout, old: Mask | None, stat
         m = torch.where(kept, old_m, m)
         v = torch.where(kept, old_v, v)
         cohort = torch.where(kept, old_cohort, cohort)
-    # bf16 moments that a merge rescaled round stochastically; the others are bf16 values already,
-    # which the rounding leaves exactly as they are.
-    noise_m, noise_v = moment_noise(at, terms.merge_salt, terms.offset)
+    # bf16 moments that a merge rescaled (or that come from float32 state) round stochastically;
+    # bf16 values carried as they are need no rounding, and zeros none either.
+    noise_m = noise_v = None
+    if state_dtype == torch.bfloat16 and old is not None and (terms.merge is not None
+                                                              or old.exp_avg.dtype != torch.bfloat16):
+        noise_m, noise_v = moment_noise(at, terms.merge_salt, terms.offset)
     return Mask(pack_index(pos, cohort, layout), round_to(m, state_dtype, noise_m),
                 round_to(v, state_dtype, noise_v), layout)

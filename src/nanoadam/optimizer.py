@@ -61,24 +61,6 @@ def _check_hyperparameters(h: dict[str, Any]) -> None:
         raise TypeError(f"Invalid fused: {h['fused']!r} (expected None, True or False)")
 
 
-def _cheap_checks_fail(group: dict[str, Any], p: torch.Tensor, state: dict | None) -> bool:
-    """False when the common case passes every check of NanoAdam._check_param at a glance: a
-    dense float gradient of the parameter's shape and device, state of the group's kind on the
-    parameter's device, no fused=True request."""
-    grad = p.grad
-    if grad.is_sparse or grad.shape != p.shape or not grad.is_floating_point() or grad.device != p.device:
-        return True
-    if group["fused"] and group["sparse"]:
-        return True
-    if state:
-        if ("index" in state) != group["sparse"]:
-            return True
-        key = "index" if group["sparse"] else "exp_avg"
-        if key in state and _dt.local(state[key]).device != _dt.local(p).device:
-            return True
-    return False
-
-
 def _distributed_world() -> int:
     import torch.distributed as dist
 
@@ -232,40 +214,39 @@ class NanoAdam(Optimizer):
         if not getattr(self, "_paths_checked", False):
             self._paths_checked = True
             self._warn_if_slow(work)
-        for _, params in work:
-            for p in params:
-                self._upgrade_state(p)
         return work
 
     def _check_param(self, group: dict[str, Any], gi: int, p: torch.Tensor) -> None:
         """Every reason this parameter's update could fail, raised before anything changes."""
         grad = p.grad
-        if not _cheap_checks_fail(group, p, self.state.get(p)):
-            return
-        where = f"param {next(i for i, q in enumerate(group['params']) if q is p)} of group {gi}"
+
+        def where() -> str:  # built only for a message: finding the position is a scan
+            return f"param {next(i for i, q in enumerate(group['params']) if q is p)} of group {gi}"
+
         if grad.is_sparse:
-            raise TypeError(f"NanoAdam does not support sparse gradients ({where})")
+            raise TypeError(f"NanoAdam does not support sparse gradients ({where()})")
         if grad.shape != p.shape:
-            raise ValueError(f"grad of {where} has shape {tuple(grad.shape)}, expected {tuple(p.shape)}")
+            raise ValueError(f"grad of {where()} has shape {tuple(grad.shape)}, expected {tuple(p.shape)}")
         if not grad.is_floating_point():
-            raise TypeError(f"grad of {where} has dtype {grad.dtype}; NanoAdam needs floating-point gradients")
+            raise TypeError(f"grad of {where()} has dtype {grad.dtype}; NanoAdam needs floating-point gradients")
         if grad.device != p.device:
-            raise ValueError(f"grad of {where} is on {grad.device}, the parameter on {p.device}")
-        state = self.state.get(p, {})
-        if group["sparse"] and "exp_avg" in state and "index" not in state:
-            raise ValueError(f"{where} has dense state but is now in a sparse group; "
-                             "sparse=True must be set before training starts")
-        if not group["sparse"] and "index" in state:
-            raise ValueError(f"{where} has sparse NanoAdam state but is now in a dense group; "
-                             "sparse=False must be set before training starts")
-        device = _dt.local(p).device
-        for key in ("index", "exp_avg", "exp_avg_sq"):
-            if key in state and _dt.local(state[key]).device != device:
-                raise ValueError(f"the optimizer state of {where} is on {_dt.local(state[key]).device}, the "
-                                 f"parameter on {device}: move the model before building the optimizer, or "
-                                 "reload the optimizer's state_dict after moving it")
+            raise ValueError(f"grad of {where()} is on {grad.device}, the parameter on {p.device}")
+        state = self.state.get(p)
+        if state:
+            if group["sparse"] and "exp_avg" in state and "index" not in state:
+                raise ValueError(f"{where()} has dense state but is now in a sparse group; "
+                                 "sparse=True must be set before training starts")
+            if not group["sparse"] and "index" in state:
+                raise ValueError(f"{where()} has sparse NanoAdam state but is now in a dense group; "
+                                 "sparse=False must be set before training starts")
+            device = _dt.local(p).device
+            for key in ("index", "exp_avg", "exp_avg_sq"):
+                if key in state and _dt.local(state[key]).device != device:
+                    raise ValueError(f"the optimizer state of {where()} is on {_dt.local(state[key]).device}, the "
+                                     f"parameter on {device}: move the model before building the optimizer, or "
+                                     "reload the optimizer's state_dict after moving it")
         if group["sparse"] and group["fused"] and not fused_applies(_dt.local(p), _dt.local(grad), group):
-            raise ValueError(f"fused=True, but {where} cannot use a fused kernel (on CPU they need the compiled "
+            raise ValueError(f"fused=True, but {where()} cannot use a fused kernel (on CPU they need the compiled "
                              "kernels, contiguous float32 tensors, bf16 or float32 moments and a selection other "
                              "than 'random'; on CUDA, Triton with float32 or bf16 tensors); use fused=None")
 
@@ -370,7 +351,7 @@ class NanoAdam(Optimizer):
         parameter and keyed on the identity of the state tensors they come from, which every
         refresh and every load replaces: reading them as numbers each step costs more than the
         update of a small tensor."""
-        if "cohort_born" not in state:  # an unpickled optimizer from before cohorts
+        if "cohort_born" not in state:  # state from before cohorts (loads upgrade at once; pickles here)
             self._upgrade_state(p)
         cache = self.__dict__.setdefault("_state_views", {})
         view = cache.get(id(p))
@@ -486,7 +467,6 @@ class NanoAdam(Optimizer):
         with torch.no_grad():
             _check_hyperparameters(group)
             self._check_param(group, next(i for i, g in enumerate(self.param_groups) if g is group), p)
-            self._upgrade_state(p)
             if mode["clip"] is not None:
                 norm = torch.linalg.vector_norm(p.grad.float())
                 p.grad.mul_(torch.clamp(mode["clip"] / (norm + 1e-6), max=1.0).to(p.grad.dtype))
