@@ -143,3 +143,28 @@ def test_param_groups_without_a_named_head_keeps_the_output_layer_dense_and_says
                                                                      id(named.classifier.bias)}
         ends_in_norm = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16))  # a base model without a head
         assert len(param_groups(ends_in_norm)[0]["params"]) == 2
+
+
+def test_head_lr_puts_the_head_in_a_group_of_its_own():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, num_labels=2)
+    model = BertForSequenceClassification(config)
+    groups = param_groups(model, head_lr=3e-3, density=0.2)
+    by_kind = {(g["sparse"], g.get("lr")): g["params"] for g in groups}
+    head = {id(p) for p in model.classifier.parameters()}
+    assert {id(p) for p in by_kind[(False, 3e-3)]} == head
+    dense = {id(p) for p in by_kind[(False, None)]}
+    assert not dense & head and {id(p) for p in model.bert.embeddings.LayerNorm.parameters()} <= dense
+    assert groups[0]["density"] == 0.2 and "lr" not in groups[0]
+    total = sum(len(g["params"]) for g in groups)
+    assert total == len([p for p in model.parameters() if p.requires_grad])
+    opt = NanoAdam(groups, lr=1e-4)
+    assert [g["lr"] for g in opt.param_groups] == [1e-4, 1e-4, 3e-3]
+
+
+@pytest.mark.parametrize("bad", [0, -1e-3, True, "1e-3"])
+def test_bad_head_lr_is_refused(bad):
+    with pytest.raises(ValueError, match="head_lr"):
+        param_groups(torch.nn.Linear(3, 3), head_lr=bad)

@@ -34,7 +34,8 @@ from torch.optim.adamw import adamw as _torch_adamw
 from . import _cpu
 from .masks import Mask, RefreshTerms, UpdateTerms, carry_moments, moment_noise
 from .rounding import hash32, round_to
-from .selection import ChunkLayout, chunk_bottomk, cohort_ids, global_positions, random_keys, selection_keys
+from .selection import (WHOLE_TENSOR_SELECTIONS, ChunkLayout, chunk_bottomk, cohort_ids, global_positions, random_keys,
+                        selection_keys)
 
 __all__ = ["Mask", "RefreshTerms", "UpdateTerms", "carry_moments", "implementation", "fused_applies", "sparse_adamw",
            "refresh_masks", "dense_adamw", "REFERENCE", "CPU_KERNEL", "TRITON"]
@@ -86,8 +87,9 @@ def _triton_ok(param: torch.Tensor, grad: torch.Tensor, state_dtype: torch.dtype
 def implementation(param: torch.Tensor, grad: torch.Tensor, state_dtype: torch.dtype, selection: str | None,
                    fused: bool | None) -> str:
     """``REFERENCE``, ``CPU_KERNEL`` or ``TRITON``: which code updates and refreshes this tensor
-    (``selection=None``: the update alone)."""
-    if fused is False:
+    (``selection=None``: the update alone). The principal-weight selections refresh on the
+    reference path everywhere: an SVD per tensor, a few times a run, is not worth a kernel."""
+    if fused is False or selection in WHOLE_TENSOR_SELECTIONS:
         return REFERENCE
     if _triton_ok(param, grad, state_dtype):
         return TRITON
@@ -98,7 +100,9 @@ def implementation(param: torch.Tensor, grad: torch.Tensor, state_dtype: torch.d
 
 def fused_applies(param: torch.Tensor, grad: torch.Tensor, group: dict) -> bool:
     """Whether a fused kernel can serve this parameter under this group's settings."""
-    return implementation(param, grad, group["state_dtype"], group["selection"], None) != REFERENCE
+    # The principal-weight selections refresh on the reference path by design; fused means their update.
+    selection = None if group["selection"] in WHOLE_TENSOR_SELECTIONS else group["selection"]
+    return implementation(param, grad, group["state_dtype"], selection, None) != REFERENCE
 
 
 def triton_failure(error: BaseException) -> None:
@@ -234,12 +238,14 @@ def refresh_masks(
     *,
     selection: str,
     state_dtype: torch.dtype,
+    principal_rank: int = 8,
 ) -> list[Mask]:
     """New masks for ``params``: per chunk, the ``k`` entries chosen by ``selection`` (ties to the
     lower position). Entries kept before and after keep their moments and cohort (those of the
     cohort ``terms[i].merge`` retires join the older one, rescaled); new ones start from zero
     moments in cohort ``terms[i].newborn``. ``grads`` are read only for
-    ``selection="large_gradients"``. A mask whose layout is unchanged may be refreshed in place."""
+    ``selection="large_gradients"``; ``principal_rank`` only by the principal-weight selections. A
+    mask whose layout is unchanged may be refreshed in place."""
     out: list[Mask | None] = [None] * len(params)
     by = _by_implementation(impls)
     if by[TRITON]:
@@ -261,7 +267,7 @@ def refresh_masks(
             out[i] = mask
     for i in by[REFERENCE] + [i for i in by[CPU_KERNEL] if i not in set(cpu)]:
         out[i] = _reference_refresh(params[i], grads[i], old_masks[i], layouts[i], terms[i], selection=selection,
-                                    state_dtype=state_dtype)
+                                    state_dtype=state_dtype, principal_rank=principal_rank)
     return out
 
 
@@ -269,17 +275,20 @@ def _cpu_refresh_ok(old: Mask | None, layout: ChunkLayout, state_dtype: torch.dt
     return old is None or (old.layout.chunk_size == layout.chunk_size and old.exp_avg.dtype == state_dtype)
 
 
-def selection_index(param, grad, layout: ChunkLayout, terms: RefreshTerms, selection: str) -> torch.Tensor:
+def selection_index(param, grad, layout: ChunkLayout, terms: RefreshTerms, selection: str,
+                    principal_rank: int = 8) -> torch.Tensor:
     """The reference choice: in-chunk positions (no cohort bits) of the kept entries."""
     if selection == "random":
         keys = random_keys(layout.numel, terms.random_salt, terms.offset, param.device)
     else:
-        keys = selection_keys(grad if selection == "large_gradients" else param, selection)
+        keys = selection_keys(grad if selection == "large_gradients" else param, selection, principal_rank)
     return chunk_bottomk(keys, layout)
 
 
-def _reference_refresh(param, grad, old: Mask | None, layout, terms: RefreshTerms, *, selection, state_dtype):
-    return carry_moments(selection_index(param, grad, layout, terms, selection), layout, old, state_dtype, terms)
+def _reference_refresh(param, grad, old: Mask | None, layout, terms: RefreshTerms, *, selection, state_dtype,
+                       principal_rank=8):
+    index = selection_index(param, grad, layout, terms, selection, principal_rank)
+    return carry_moments(index, layout, old, state_dtype, terms)
 
 
 def _cpu_refresh(params, grads, old_masks, layouts, terms, *, selection, state_dtype):

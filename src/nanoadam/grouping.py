@@ -60,25 +60,33 @@ def output_layer(model: nn.Module) -> str | None:
     return last[0]
 
 
-def dense_parameter_names(model: nn.Module, head_names: Iterable[str] | None = None) -> set[str]:
-    """Qualified names of the parameters ``param_groups`` keeps dense (every alias of a tied one).
-    ``head_names=None``: the default names, and the output layer when none of them matches."""
+def head_parameter_names(model: nn.Module, head_names: Iterable[str] | None = None) -> set[str]:
+    """Qualified names of the head's parameters (every alias of a tied one). ``head_names=None``:
+    the default names, and the output layer when none of them matches (with a warning)."""
     guess = head_names is None
     head_names = DEFAULT_HEAD_NAMES if head_names is None else tuple(head_names)
-    dense_ids = _head_parameter_ids(model, head_names)
+    head_ids = _head_parameter_ids(model, head_names)
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    if guess and not dense_ids & trainable and (layer := output_layer(model)) is not None:
+    if guess and not head_ids & trainable and (layer := output_layer(model)) is not None:
         module = model.get_submodule(layer)
         if any(p.requires_grad for p in module.parameters(recurse=False)):
             warnings.warn(f"param_groups: no module is named like a classifier head ({', '.join(DEFAULT_HEAD_NAMES)}), "
                           f"so the last layer with parameters, {layer!r} ({type(module).__name__}), is taken for the "
                           "output layer and trained densely; pass head_names=(...) to name the head, or "
                           "head_names=() to train every layer but the norms sparsely", UserWarning, stacklevel=3)
-            dense_ids.update(id(p) for p in module.parameters(recurse=False))
-    for module in model.modules():
-        if is_norm(module):
-            dense_ids.update(id(p) for p in module.parameters(recurse=False))
-    return {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in dense_ids}
+            head_ids.update(id(p) for p in module.parameters(recurse=False))
+    return {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in head_ids}
+
+
+def norm_parameter_names(model: nn.Module) -> set[str]:
+    """Qualified names of the parameters of normalization layers."""
+    norm_ids = {id(p) for module in model.modules() if is_norm(module) for p in module.parameters(recurse=False)}
+    return {n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in norm_ids}
+
+
+def dense_parameter_names(model: nn.Module, head_names: Iterable[str] | None = None) -> set[str]:
+    """Qualified names of the parameters ``param_groups`` keeps dense: the head's and the norms'."""
+    return head_parameter_names(model, head_names) | norm_parameter_names(model)
 
 
 def param_groups(
@@ -86,6 +94,7 @@ def param_groups(
     *,
     head_names: Iterable[str] | None = None,
     is_dense: Callable[[str, torch.Tensor], bool] | None = None,
+    head_lr: float | None = None,
     **sparse_options: Any,
 ) -> list[dict[str, Any]]:
     """Param groups for :class:`nanoadam.NanoAdam`: ``{"params": ..., "sparse": True, **sparse_options}``
@@ -94,14 +103,21 @@ def param_groups(
     Only parameters with ``requires_grad`` are included, each once. ``head_names`` (default
     ``DEFAULT_HEAD_NAMES``, plus the output layer of a model in which none matches) names the
     head modules. ``is_dense(name, param)`` marks further parameters dense (e.g.
-    ``lambda n, p: p.ndim == 1`` for all biases). Empty groups are left out.
+    ``lambda n, p: p.ndim == 1`` for all biases). ``head_lr`` puts the head in a dense group of its
+    own with that learning rate (the body and the norms keep the optimizer's); a fast-learning
+    head can otherwise be most of what a higher rate buys. Empty groups are left out.
     """
-    dense_names = dense_parameter_names(model, head_names)
-    sparse, dense = [], []
+    if head_lr is not None and (isinstance(head_lr, bool) or not isinstance(head_lr, (int, float)) or not head_lr > 0):
+        raise ValueError(f"Invalid head_lr: {head_lr!r} (expected a number > 0, or None)")
+    heads = head_parameter_names(model, head_names)
+    norms = norm_parameter_names(model)
+    sparse, dense, head = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if name in dense_names or (is_dense is not None and is_dense(name, p)):
+        if name in heads and head_lr is not None:
+            head.append(p)
+        elif name in heads or name in norms or (is_dense is not None and is_dense(name, p)):
             dense.append(p)
         else:
             sparse.append(p)
@@ -110,4 +126,6 @@ def param_groups(
         groups.append({"params": sparse, "sparse": True, **sparse_options})
     if dense:
         groups.append({"params": dense, "sparse": False})
+    if head:
+        groups.append({"params": head, "sparse": False, "lr": head_lr})
     return groups

@@ -29,14 +29,15 @@ from .functional import (
     sparse_adamw,
 )
 from .rounding import STREAM_MERGE, STREAM_PARAM, STREAM_RANDOM, salt
-from .selection import INT16_CHUNK_LIMIT, MAX_CHUNK_SIZE, SELECTIONS, ChunkLayout, cohort_ids, positions
+from .selection import (INT16_CHUNK_LIMIT, MAX_CHUNK_SIZE, SELECTIONS, WHOLE_TENSOR_SELECTIONS, ChunkLayout, cohort_ids,
+                        positions, tensor_chunk_size)
 
 _STATE_DTYPES = (torch.bfloat16, torch.float32)
 # Per-parameter bookkeeping of sparse tensors, read on the host every step.
 _HOST_KEYS = ("step", "mask_density", "mask_chunk_size", "cohort_born")
 # Group keys added after the first release, with the value that reproduces a checkpoint made
 # before they existed (torch's optimizers fill such keys in __setstate__ too).
-_LATER_GROUP_KEYS = {"stochastic_rounding": False, "fused": None}
+_LATER_GROUP_KEYS = {"stochastic_rounding": False, "fused": None, "principal_rank": 8}
 # Before cohorts (state without "cohort_born"), chunks of up to this many entries used int16.
 _OLD_INT16_CHUNK_LIMIT = 32768
 
@@ -47,6 +48,7 @@ def _check_hyperparameters(h: dict[str, Any]) -> None:
     if "mask_interval" in h and h["mask_interval"] is not None:
         check_positive_int(h, "mask_interval", "an int >= 1, or None for a static mask")
     check_positive_int(h, "chunk_size")
+    check_positive_int(h, "principal_rank")
     if "chunk_size" in h and h["chunk_size"] > MAX_CHUNK_SIZE:
         raise ValueError(f"Invalid chunk_size: {h['chunk_size']} (expected at most {MAX_CHUNK_SIZE} = 2**27; "
                          "a chunk longer than a tensor is the whole tensor anyway)")
@@ -114,11 +116,16 @@ class NanoAdam(Optimizer):
         mask_interval: steps between mask refreshes; ``None`` keeps the mask chosen at the
             first step (static mask). A group whose ``density`` changed is refreshed at once.
         chunk_size: entries per chunk (at most ``2**27``); selection is per chunk, never global.
-        selection: ``"small_weights"`` (the paper), ``"large_weights"``, ``"random"`` or
-            ``"large_gradients"`` (largest ``|grad|`` at the refresh step).
+        selection: ``"small_weights"`` (the paper), ``"large_weights"``, ``"random"``,
+            ``"large_gradients"`` (largest ``|grad|`` at the refresh step), or LIFT's
+            ``"principal_weights"``: the largest entries of the rank-``principal_rank`` SVD
+            approximation of each matrix, chosen over the whole tensor (one chunk per tensor, so
+            int32 positions beyond 4096 entries); ``"principal_weights_smallest"`` keeps the
+            smallest ones instead, as LIFT's released code does by default.
         state_dtype: dtype of the moments of sparse groups, ``torch.bfloat16`` (stored with
             stochastic rounding, so that they track float32 moments) or ``torch.float32``.
         sparse: ``False`` trains the group with plain AdamW.
+        principal_rank: rank of the approximation the principal-weight selections score.
         stochastic_rounding: write updated bfloat16 weights with stochastic rounding, so that
             updates below half a bf16 step still move weights on average.
         fused: ``None`` uses the compiled CPU kernels or the Triton kernels where they apply,
@@ -154,12 +161,13 @@ class NanoAdam(Optimizer):
         sparse: bool = True,
         stochastic_rounding: bool = False,
         fused: bool | None = None,
+        principal_rank: int = 8,
     ) -> None:
         defaults = dict(
             lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
             weight_decay=weight_decay, density=density, mask_interval=mask_interval,
             chunk_size=chunk_size, selection=selection, state_dtype=state_dtype, sparse=sparse,
-            stochastic_rounding=stochastic_rounding, fused=fused,
+            stochastic_rounding=stochastic_rounding, fused=fused, principal_rank=principal_rank,
         )
         _check_hyperparameters(defaults)
         super().__init__(params, defaults)
@@ -231,6 +239,9 @@ class NanoAdam(Optimizer):
             raise TypeError(f"grad of {where()} has dtype {grad.dtype}; NanoAdam needs floating-point gradients")
         if grad.device != p.device:
             raise ValueError(f"grad of {where()} is on {grad.device}, the parameter on {p.device}")
+        if group["sparse"] and group["selection"] in WHOLE_TENSOR_SELECTIONS and _dt.is_dtensor(p):
+            raise ValueError(f"selection={group['selection']!r} scores the whole tensor (an SVD), which a shard of "
+                             f"{where()} cannot do; use a per-chunk selection under FSDP2")
         state = self.state.get(p)
         if state:
             if group["sparse"] and "exp_avg" in state and "index" not in state:
@@ -314,7 +325,8 @@ class NanoAdam(Optimizer):
         seeds = [ordinals[id(p)] for p in params]
         refresh_step = interval is not None and (t - 1) % interval == 0
         views = [self._cached(p, state) if "index" in state else None for p, state in zip(params, states)]
-        stale = [i for i, view in enumerate(views) if refresh_step or view is None or view.changed(density, chunk_size)]
+        chunks = [tensor_chunk_size(selection, chunk_size, shard.numel()) for shard in shards]
+        stale = [i for i, view in enumerate(views) if refresh_step or view is None or view.changed(density, chunks[i])]
         if stale:
             terms = []
             for i in stale:
@@ -325,12 +337,12 @@ class NanoAdam(Optimizer):
                                           salt(seeds[i], t, STREAM_RANDOM), offsets[i]))
             fresh = refresh_masks(
                 [shards[i] for i in stale], [grads[i] for i in stale], [self._mask(params[i]) for i in stale],
-                [ChunkLayout.build(shards[i].numel(), chunk_size, density) for i in stale], terms,
+                [ChunkLayout.build(shards[i].numel(), chunks[i], density) for i in stale], terms,
                 [implementation(shards[i], grads[i], state_dtype, selection, fused) for i in stale],
-                selection=selection, state_dtype=state_dtype,
+                selection=selection, state_dtype=state_dtype, principal_rank=group["principal_rank"],
             )
             for i, mask in zip(stale, fresh):
-                self._store_mask(params[i], mask, density, chunk_size)
+                self._store_mask(params[i], mask, density, chunks[i])
                 views[i] = self._cached(params[i], states[i])
         masks, terms, impls = [], [], []
         tables: dict[tuple[int, float], tuple[float, ...]] = {}  # tensors of a group mostly share one

@@ -28,7 +28,12 @@ import torch
 
 from .rounding import hash32
 
-SELECTIONS = ("small_weights", "large_weights", "random", "large_gradients")
+# LIFT's principal weights (Liu et al., ICML 2025): the largest entries of a rank-r approximation of
+# each matrix, chosen over the whole tensor (they cluster on rows and columns, so per-chunk quotas
+# would change the rule). "principal_weights_smallest" is what LIFT's released code selects by
+# default (``topk(largest=False)`` on the approximation), the opposite of its paper.
+WHOLE_TENSOR_SELECTIONS = ("principal_weights", "principal_weights_smallest")
+SELECTIONS = ("small_weights", "large_weights", "random", "large_gradients", *WHOLE_TENSOR_SELECTIONS)
 INT16_CHUNK_LIMIT = 4096  # 12 position bits; the other 4 of an int16 hold the cohort
 MAX_CHUNK_SIZE = 1 << 27  # 27 position bits + 4 cohort bits in an int32
 COHORT_BITS = 4
@@ -103,11 +108,36 @@ def pack_index(pos: torch.Tensor, cohort: torch.Tensor, layout: ChunkLayout) -> 
     return packed.to(layout.index_dtype)
 
 
-def selection_keys(values: torch.Tensor, selection: str) -> torch.Tensor:
+def tensor_chunk_size(selection: str, chunk_size: int, numel: int) -> int:
+    """The chunk size a tensor of ``numel`` entries is cut with: ``chunk_size``, or for the
+    whole-tensor selections the tensor itself (capped at ``MAX_CHUNK_SIZE``)."""
+    if selection in WHOLE_TENSOR_SELECTIONS:
+        return max(1, min(numel, MAX_CHUNK_SIZE))
+    return chunk_size
+
+
+def principal_scores(values: torch.Tensor, rank: int) -> torch.Tensor:
+    """``|W_r|`` flattened: the magnitudes of the rank-``rank`` truncated SVD of ``values`` (2-D or
+    more, reshaped to ``(shape[0], -1)`` like a conv weight), computed in float32 with a full,
+    deterministic SVD (no random sketch, so no generator is touched). A 1-D tensor is its own
+    rank-1 approximation: its score is ``|w|``."""
+    w = values.detach().float()
+    if w.ndim < 2 or w.numel() == 0:
+        return w.abs().reshape(-1)
+    matrix = w.reshape(w.shape[0], -1)
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    r = min(rank, s.numel())
+    return ((u[:, :r] * s[:r]) @ vh[:r]).abs().reshape(-1)
+
+
+def selection_keys(values: torch.Tensor, selection: str, rank: int = 8) -> torch.Tensor:
     """Int64 keys of a flat tensor, smaller = selected first: the IEEE bits of ``|x|`` (monotone in
-    ``|x|``, NaN above +inf), reversed for the ``large_*`` selections."""
+    ``|x|``, NaN above +inf), reversed for the ``large_*`` selections; for the principal-weight
+    selections, of ``principal_scores(values, rank)`` (largest first for ``"principal_weights"``)."""
+    if selection in WHOLE_TENSOR_SELECTIONS:
+        values = principal_scores(values, rank)
     bits = values.detach().float().reshape(-1).view(torch.int32).long() & _KEY_MAX
-    return bits if selection == "small_weights" else _KEY_MAX - bits
+    return bits if selection in ("small_weights", "principal_weights_smallest") else _KEY_MAX - bits
 
 
 def random_keys(numel: int, salt: int, offset: int, device: torch.device) -> torch.Tensor:
