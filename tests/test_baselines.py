@@ -7,6 +7,7 @@ from nanoadam import DensityScheduler, NanoAdam
 from nanoadam_lab.baselines import MissingExtraError, available_optimizers, build_optimizer, optimizer_state_bytes
 from nanoadam_lab.baselines.registry import REGISTRY, galore_target_names
 from nanoadam_lab.bench.formulas import layout_formula_bytes
+from nanoadam.selection import tensor_chunk_size
 
 transformers = pytest.importorskip("transformers")
 
@@ -31,8 +32,9 @@ def train_steps(model, bundle, steps=3):
     return losses
 
 
-def test_registry_has_the_six_optimizers():
-    assert available_optimizers() == ["adamw", "adamw8bit", "galore", "microadam", "nanoadam", "nanoadam-static"]
+def test_registry_has_the_optimizers_and_controls():
+    assert available_optimizers() == ["adamw", "adamw8bit", "galore", "microadam", "nanoadam", "nanoadam-static",
+                                      "lift", "head-only", "adamw-headlr"]
 
 
 @pytest.mark.parametrize("name", available_optimizers())
@@ -43,10 +45,11 @@ def test_every_entry_builds_steps_and_matches_its_memory_formula(name):
         pytest.importorskip("galore_torch")
     model = tiny_bert()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    bundle = build_optimizer(name, model, lr=1e-3)
+    bundle = build_optimizer(name, model, lr=1e-3, **({"head_lr": 1e-2} if name == "adamw-headlr" else {}))
     train_steps(model, bundle)
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
-    assert "classifier.weight" in changed and "bert.encoder.layer.0.attention.self.query.weight" in changed
+    body = "bert.encoder.layer.0.attention.self.query.weight"
+    assert "classifier.weight" in changed and (body not in changed if name == "head-only" else body in changed)
     from nanoadam_lab.bench.optimizers import tensor_infos
 
     formula = layout_formula_bytes(name, tensor_infos(model), {**REGISTRY[name].defaults, **bundle.hyperparameters})
@@ -110,3 +113,32 @@ def test_missing_library_names_the_extra(monkeypatch):
     monkeypatch.setattr(registry.importlib, "import_module", without_bitsandbytes)
     with pytest.raises(MissingExtraError, match=r"nanoadam\[baselines\]"):
         build_optimizer("adamw8bit", tiny_bert(), lr=1e-3)
+
+
+def test_head_only_trains_the_head_alone():
+    model = tiny_bert()
+    bundle = build_optimizer("head-only", model, lr=1e-3)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"classifier.weight", "classifier.bias"}
+    assert sum(len(g["params"]) for g in bundle.optimizer.param_groups) == 2
+
+
+def test_adamw_headlr_trains_the_head_at_its_own_rate():
+    model = tiny_bert()
+    bundle = build_optimizer("adamw-headlr", model, lr=1e-4, head_lr=3e-3)
+    body, head = bundle.optimizer.param_groups
+    assert body["lr"] == 1e-4 and head["lr"] == 3e-3
+    assert {id(p) for p in head["params"]} == {id(model.classifier.weight), id(model.classifier.bias)}
+    with pytest.raises(ValueError, match="head_lr"):
+        build_optimizer("adamw-headlr", tiny_bert(), lr=1e-4)
+
+
+def test_lift_selects_principal_weights_over_whole_tensors():
+    model = tiny_bert()
+    bundle = build_optimizer("lift", model, lr=1e-3)
+    train_steps(model, bundle, steps=1)
+    opt = bundle.optimizer
+    sparse = opt.param_groups[0]
+    assert sparse["selection"] == "principal_weights" and sparse["density"] == 0.1
+    w = model.bert.encoder.layer[0].intermediate.dense.weight  # 16384 entries: four default chunks
+    assert int(opt.state[w]["mask_chunk_size"]) == tensor_chunk_size("principal_weights", 4096, w.numel()) == w.numel()

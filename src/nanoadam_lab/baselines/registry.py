@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nanoadam.grouping import DEFAULT_HEAD_NAMES, dense_parameter_names, param_groups
+from nanoadam.grouping import DEFAULT_HEAD_NAMES, dense_parameter_names, head_parameter_names, param_groups
 from nanoadam.optimizer import NanoAdam
 from nanoadam.schedule import DensityScheduler
 
@@ -79,6 +79,34 @@ def _adamw(model, lr, total_steps, *, betas, eps, weight_decay, fused):
         fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
     opt = torch.optim.AdamW(_trainable(model), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                             fused=fused or None)
+    return OptimizerBundle(opt)
+
+
+def _head_only(model, lr, total_steps, *, betas, eps, weight_decay):
+    # The control that says what a new head alone can learn: the backbone is frozen (requires_grad
+    # off, so backward stops at the head) and AdamW trains the head.
+    heads = head_parameter_names(model)
+    for name, p in model.named_parameters():
+        if name not in heads:
+            p.requires_grad_(False)
+    params = _trainable(model)
+    if not params:
+        raise ValueError("head-only found no head parameters in this model")
+    return OptimizerBundle(torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+
+def _adamw_headlr(model, lr, total_steps, *, betas, eps, weight_decay, head_lr, fused):
+    # The control that separates a fast-learning head from the backbone optimizer: AdamW at ``lr``
+    # for the body, the head at ``head_lr`` (NanoAdam's rate, in the comparisons).
+    if head_lr is None:
+        raise ValueError("adamw-headlr needs head_lr (the head group's learning rate)")
+    heads = head_parameter_names(model)
+    body = [p for n, p in model.named_parameters() if p.requires_grad and n not in heads]
+    head = [p for n, p in model.named_parameters() if p.requires_grad and n in heads]
+    groups = [g for g in ({"params": body}, {"params": head, "lr": head_lr}) if g["params"]]
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in body + head) if fused is None \
+        else fused
+    opt = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused or None)
     return OptimizerBundle(opt)
 
 
@@ -141,11 +169,11 @@ def _microadam(model, lr, total_steps, *, betas, eps, weight_decay, m, density, 
 
 
 def _nanoadam(model, lr, total_steps, *, betas, eps, weight_decay, density, mask_interval, chunk_size, selection,
-              state_dtype, final_density, density_interval, fused):
+              state_dtype, final_density, density_interval, fused, principal_rank):
     groups = param_groups(model)
     opt = NanoAdam(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, density=density,
                    mask_interval=mask_interval, chunk_size=chunk_size, selection=selection, state_dtype=state_dtype,
-                   fused=fused)
+                   fused=fused, principal_rank=principal_rank)
     schedulers = []
     if final_density is not None:
         if total_steps is None:
@@ -157,7 +185,7 @@ def _nanoadam(model, lr, total_steps, *, betas, eps, weight_decay, density, mask
 
 _ADAM = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
 _NANO = dict(_ADAM, density=0.1, mask_interval=100, chunk_size=4096, selection="small_weights",
-             state_dtype=torch.bfloat16, final_density=None, density_interval=None, fused=None)
+             state_dtype=torch.bfloat16, final_density=None, density_interval=None, fused=None, principal_rank=8)
 
 REGISTRY: dict[str, OptimizerSpec] = {
     spec.name: spec
@@ -173,6 +201,15 @@ REGISTRY: dict[str, OptimizerSpec] = {
         OptimizerSpec("nanoadam", "NanoAdam: smallest 10 % of each tensor, dynamic mask", dict(_NANO), _nanoadam),
         OptimizerSpec("nanoadam-static", "NanoAdam with a static mask (ablation)",
                       dict(_NANO, mask_interval=None), _nanoadam),
+        # LIFT sizes its mask like a rank-128 LoRA (about 5 % of a 7B model); here the density is
+        # NanoAdam's, so both update the same fraction. Rank 8 is hidden/48 on MiniLM, inside
+        # the hidden/32 to hidden/256 of LIFT's configs.
+        OptimizerSpec("lift", "LIFT: Adam on the principal weights (largest of a rank-8 approximation), 10 %",
+                      dict(_NANO, selection="principal_weights"), _nanoadam),
+        OptimizerSpec("head-only", "control: backbone frozen, AdamW on the new head (a linear probe)",
+                      dict(_ADAM), _head_only),
+        OptimizerSpec("adamw-headlr", "control: AdamW with the head at its own rate (head_lr, NanoAdam's)",
+                      dict(_ADAM, head_lr=None, fused=None), _adamw_headlr),
     ]
 }
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from nanoadam.selection import ChunkLayout
+from nanoadam.selection import ChunkLayout, tensor_chunk_size
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ def layout_formula_bytes(name: str, tensors: list[TensorInfo], hyper: dict) -> i
         total += 2 * 256 * 4  # the two 256-entry quantization maps, shared by all tensors
     for t in tensors:
         d = t.numel
-        if name == "adamw":
+        if name in ("adamw", "adamw-headlr", "head-only"):  # head-only: the frozen body has no state
             total += 8 * d + 4  # two float32 moments, a float32 step
         elif name == "adamw8bit":
             if d >= hyper.get("min_8bit_size", 4096):  # uint8 moments, an fp32 absmax per 256 entries each
@@ -75,9 +75,11 @@ def layout_formula_bytes(name: str, tensors: list[TensorInfo], hyper: dict) -> i
         elif name == "microadam":
             total += _microadam_bytes(d, hyper.get("m", 10), hyper.get("density", 0.01), hyper.get("block_size", 4096),
                                       hyper.get("quant_bucket", 64)) + 4
-        elif name in ("nanoadam", "nanoadam-static"):
+        elif name in ("nanoadam", "nanoadam-static", "lift"):
             if t.sparse:
-                layout = ChunkLayout.build(d, hyper.get("chunk_size", 4096), hyper.get("density", 0.1))
+                selection = hyper.get("selection", "small_weights")
+                chunk = tensor_chunk_size(selection, hyper.get("chunk_size", 4096), d)
+                layout = ChunkLayout.build(d, chunk, hyper.get("density", 0.1))
                 index_bytes = layout.index_dtype.itemsize  # int16 up to 4096-entry chunks, int32 beyond
                 state_bytes = 2 if str(hyper.get("state_dtype", "bfloat16")).endswith("bfloat16") else 4
                 # + step, mask density, chunk size, and the table of 16 cohort births (int64)
