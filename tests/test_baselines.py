@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from nanoadam import DensityScheduler, NanoAdam
+from nanoadam.selection import tensor_chunk_size
 from nanoadam_lab.baselines import MissingExtraError, available_optimizers, build_optimizer, optimizer_state_bytes
 from nanoadam_lab.baselines.registry import REGISTRY, galore_target_names
 from nanoadam_lab.bench.formulas import layout_formula_bytes
-from nanoadam.selection import tensor_chunk_size
 
 transformers = pytest.importorskip("transformers")
 

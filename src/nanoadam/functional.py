@@ -34,8 +34,15 @@ from torch.optim.adamw import adamw as _torch_adamw
 from . import _cpu
 from .masks import Mask, RefreshTerms, UpdateTerms, carry_moments, moment_noise
 from .rounding import hash32, round_to
-from .selection import (WHOLE_TENSOR_SELECTIONS, ChunkLayout, chunk_bottomk, cohort_ids, global_positions, random_keys,
-                        selection_keys)
+from .selection import (
+    WHOLE_TENSOR_SELECTIONS,
+    ChunkLayout,
+    chunk_bottomk,
+    cohort_ids,
+    global_positions,
+    random_keys,
+    selection_keys,
+)
 
 __all__ = ["Mask", "RefreshTerms", "UpdateTerms", "carry_moments", "implementation", "fused_applies", "sparse_adamw",
            "refresh_masks", "dense_adamw", "REFERENCE", "CPU_KERNEL", "TRITON"]

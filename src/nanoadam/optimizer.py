@@ -29,8 +29,16 @@ from .functional import (
     sparse_adamw,
 )
 from .rounding import STREAM_MERGE, STREAM_PARAM, STREAM_RANDOM, salt
-from .selection import (INT16_CHUNK_LIMIT, MAX_CHUNK_SIZE, SELECTIONS, WHOLE_TENSOR_SELECTIONS, ChunkLayout, cohort_ids,
-                        positions, tensor_chunk_size)
+from .selection import (
+    INT16_CHUNK_LIMIT,
+    MAX_CHUNK_SIZE,
+    SELECTIONS,
+    WHOLE_TENSOR_SELECTIONS,
+    ChunkLayout,
+    cohort_ids,
+    positions,
+    tensor_chunk_size,
+)
 
 _STATE_DTYPES = (torch.bfloat16, torch.float32)
 # Per-parameter bookkeeping of sparse tensors, read on the host every step.

@@ -63,10 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--epochs", type=_positive_float)
     finetune.add_argument("--max-steps", type=_positive_int)
 
-    compare = commands.add_parser("compare", help="all optimizers x tasks, LR tuned on held-out data, 3 seeds")
+    compare = commands.add_parser("compare", help="optimizers x GLUE tasks: one recipe, LR tuned on held-out data, "
+                                                  "5 seeds, paired intervals against AdamW, retention probe")
     compare.add_argument("--tasks", type=_task_list, default=None, help=f"comma-separated, default all: {tasks}")
-    compare.add_argument("--optimizers", type=_names, default=None, help="comma-separated registry names")
-    compare.add_argument("--seeds", type=_positive_int, default=3)
+    compare.add_argument("--optimizers", type=_optimizer_set, default=None,
+                         help="comma-separated registry names (default: the primary set, adamw, nanoadam, lift, "
+                              "head-only, adamw-headlr; 'secondary': adamw8bit, galore, microadam, nanoadam-static)")
+    compare.add_argument("--seeds", type=_positive_int, default=5)
+    compare.add_argument("--max-extensions", type=int, default=3, help="steps a grid may extend at an edge")
     compare.add_argument("--rerun-slower-than", type=_positive_float, metavar="FACTOR",
                          help="first rerun every finished run whose median step took more than FACTOR times the "
                               "fastest run of the same task, optimizer and phase (a machine disturbed by other work)")
@@ -180,7 +184,9 @@ def _require(module: str, extra: str):
 def _add_common_glue_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="minilm", help="'minilm' (offline MiniLM-L6) or a transformers name/path")
     p.add_argument("--data-dir", help="folder with <task>/train.jsonl and validation.jsonl (default: the hub)")
-    p.add_argument("--budget", choices=["quick", "paper"], default="quick")
+    p.add_argument("--budget", choices=["standard", "quick", "paper"], default="standard",
+                   help="standard: every task learns (hours a task on 2 cores); quick: a smoke test that cannot "
+                        "rank optimizers; paper: the paper's, for a GPU")
     p.add_argument("--peft", choices=["lora"], help="train LoRA adapters (peft) instead of the full model")
     p.add_argument("--lora-r", type=_positive_int, default=32)
     p.add_argument("--threads", type=_positive_int, default=2)
@@ -215,6 +221,13 @@ def _names(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(f"unknown optimizer {', '.join(unknown) or text!r}; "
                                          f"choose from {', '.join(available_optimizers())}")
     return names
+
+
+def _optimizer_set(text: str) -> list[str]:
+    from .experiments.compare import PRIMARY, SECONDARY
+
+    sets = {"primary": PRIMARY, "secondary": ["adamw", "head-only", *SECONDARY]}
+    return list(sets[text]) if text in sets else _names(text)
 
 
 def _check_glue_inputs(args, tasks: list[str]) -> None:
@@ -275,17 +288,22 @@ def _finetune(args) -> int:
 
 def _compare(args) -> int:
     tqdm = _require("tqdm.auto", "cli").tqdm
-    from .baselines import available_optimizers
     from .experiments.compare import CompareConfig, run_compare
     from .experiments.glue_data import TASKS
-    from .experiments.report import glue_table, plot_curves
+    from .experiments.report import glue_table, plot_curves, plot_frontiers
 
     tasks = args.tasks or list(TASKS)
     _check_glue_inputs(args, tasks)
     out = args.out or Path("results/glue")
-    config = CompareConfig(tasks=tasks, optimizers=args.optimizers or available_optimizers(), budget=args.budget,
-                           seeds=args.seeds, model=args.model, data_dir=args.data_dir, out=str(out),
-                           lora_r=args.lora_r if args.peft == "lora" else None, threads=args.threads)
+    try:
+        config = CompareConfig(tasks=tasks, budget=args.budget, seeds=args.seeds, model=args.model,
+                               data_dir=args.data_dir, out=str(out), max_extensions=args.max_extensions,
+                               lora_r=args.lora_r if args.peft == "lora" else None, threads=args.threads,
+                               **({"optimizers": args.optimizers} if args.optimizers else {}))
+    except ValueError as e:
+        raise UsageError(f"nanoadam compare: {e}") from None
+    if args.budget == "quick":
+        print("note: the quick budget is a smoke test; it cannot rank optimizers", file=sys.stderr)
     from .experiments.compare import retime, retime_finals
 
     moved = retime(out, args.rerun_slower_than) if args.rerun_slower_than else []
@@ -301,6 +319,7 @@ def _compare(args) -> int:
     table = glue_table(summary)
     print(table)
     plot_curves(out, summary)
+    plot_frontiers(out, summary)
     write_result(out, "glue", {**summary, "machine": _machine()}, table, "GLUE comparison")
     for failure in summary["failures"]:
         print(f"failed: {failure['run']}: {failure['error']}", file=sys.stderr)
@@ -410,7 +429,8 @@ def _bench_optimizers(args) -> int:
     from .baselines import MissingExtraError, available_optimizers
     from .bench.optimizers import BenchConfig, format_table, run
 
-    config = BenchConfig(model=args.model, config=args.config, optimizers=args.optimizers or available_optimizers(),
+    optimizers = args.optimizers or available_optimizers(controls=False)
+    config = BenchConfig(model=args.model, config=args.config, optimizers=optimizers,
                          blocks=args.blocks, steps_per_block=args.steps_per_block, batch=args.batch, seq=args.seq,
                          memory=not args.no_memory, threads=args.threads)
     total = config.blocks * len(config.optimizers) + (len(config.optimizers) if config.memory else 0)

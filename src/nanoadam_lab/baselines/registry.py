@@ -127,8 +127,13 @@ def galore_target_names(model: nn.Module, head_names=DEFAULT_HEAD_NAMES) -> set[
     }
 
 
-def _galore(model, lr, total_steps, *, betas, eps, weight_decay, rank, update_proj_gap, scale, proj_type):
+def _galore(model, lr, total_steps, *, betas, eps, weight_decay, rank, update_proj_gap, scale, proj_type,
+            proj_refreshes):
     galore_torch = _require("galore_torch", "baselines")
+    if proj_refreshes is not None:  # the projection's SVD a fixed number of times a run
+        if total_steps is None:
+            raise ValueError("proj_refreshes needs total_steps")
+        update_proj_gap = max(1, -(-total_steps // proj_refreshes))
     targets = galore_target_names(model)
     projected = [p for n, p in model.named_parameters() if n in targets and p.requires_grad]
     projected_ids = {id(p) for p in projected}
@@ -141,7 +146,7 @@ def _galore(model, lr, total_steps, *, betas, eps, weight_decay, rank, update_pr
                        "proj_type": proj_type})
     opt = galore_torch.GaLoreAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                    no_deprecation_warning=True)
-    return OptimizerBundle(opt)
+    return OptimizerBundle(opt, hyperparameters={"update_proj_gap": update_proj_gap})
 
 
 def _microadam(model, lr, total_steps, *, betas, eps, weight_decay, m, density, block_size, quant_bucket,
@@ -194,7 +199,8 @@ REGISTRY: dict[str, OptimizerSpec] = {
         OptimizerSpec("adamw8bit", "bitsandbytes.optim.AdamW8bit, block-wise 8-bit moments",
                       dict(_ADAM, min_8bit_size=4096), _adamw8bit),
         OptimizerSpec("galore", "galore_torch.GaLoreAdamW, rank-8 projection of body Linear weights",
-                      dict(_ADAM, rank=8, update_proj_gap=200, scale=1.0, proj_type="std"), _galore),
+                      dict(_ADAM, rank=8, update_proj_gap=200, scale=1.0, proj_type="std", proj_refreshes=None),
+                      _galore),
         OptimizerSpec("microadam", "MicroAdam: top-1 % gradients, 4-bit error feedback, window of 10",
                       dict(_ADAM, m=10, density=0.01, block_size=4096, quant_bucket=64, official=None),
                       _microadam),
@@ -214,8 +220,13 @@ REGISTRY: dict[str, OptimizerSpec] = {
 }
 
 
-def available_optimizers() -> list[str]:
-    return list(REGISTRY)
+# Controls of the comparisons (they answer what a frozen backbone or a fast head alone achieves),
+# not optimizers anyone would bench for speed or memory.
+CONTROLS = ("head-only", "adamw-headlr")
+
+
+def available_optimizers(controls: bool = True) -> list[str]:
+    return [name for name in REGISTRY if controls or name not in CONTROLS]
 
 
 def build_optimizer(name: str, model: nn.Module, lr: float, total_steps: int | None = None,

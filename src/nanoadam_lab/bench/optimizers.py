@@ -43,7 +43,7 @@ DEFAULT_MODEL = "minilm"
 class BenchConfig:
     model: str = DEFAULT_MODEL  # "minilm" (offline), a transformers model name or local path
     config: str | None = None  # a transformers config name/path: random weights, no download of weights
-    optimizers: list[str] = field(default_factory=available_optimizers)
+    optimizers: list[str] = field(default_factory=lambda: available_optimizers(controls=False))
     lr: float = 1e-5
     blocks: int = 2
     steps_per_block: int = 100

@@ -1,16 +1,23 @@
-"""``nanoadam compare``: every optimizer on every task, learning rate tuned per optimizer and task.
+"""``nanoadam compare``: optimizers on GLUE tasks under one recipe, tuned honestly, with intervals.
 
-Protocol. For each task and optimizer: (1) tuning, one run per learning rate of the optimizer's
-grid, trained on the training subset minus a held-out slice and scored on that slice (never on
-the validation set that is reported); (2) the best learning rate (ties: the smaller) rerun with
-``seeds`` seeds on the whole training subset, scored on the validation set; mean and standard
-deviation are reported. Every optimizer sees the same examples in the same order for a given
-seed, with the same batch size and number of steps.
+Protocol (DESIGN.md section 5). Every run trains on the task's training subset minus a held-out
+slice, with the shared recipe (warmup, linear decay, clipping; the final checkpoint scored), and
+is scored on the held-out slice (for tuning and for the gate) and on the validation set (what is
+reported), with the retention probe after training. For each task and optimizer: (1) seed 0 at
+every rate of the optimizer's grid; a best rate at an edge of the grid extends it by the grid's
+ratio, up to ``max_extensions`` times; the best held-out score wins, ties broken by the lower
+held-out loss; (2) seeds 1 .. ``seeds - 1`` at the chosen rate (the same seed gives every
+optimizer the same data order and head initialization). An optimizer may take a rate from
+another's choice (``adamw-headlr``'s head trains at NanoAdam's chosen rate); it waits for it.
 
-Each finished run is written atomically to ``out/runs/<task>/<optimizer>/<phase>-....json`` as
-soon as it ends; a rerun of the same command skips every run whose file exists, so an interrupted
-comparison resumes where it stopped. Runs execute one at a time in child processes forked from a
-preloaded server (fresh memory accounting per run, no state leaking between runs).
+Each finished run is written atomically to ``out/runs/<task>/<optimizer>/lr<lr>[-...]-seed<s>.json``
+as soon as it ends; a rerun of the same command skips every run whose file exists, so an
+interrupted comparison resumes where it stopped. Runs execute one at a time in child processes
+forked from a preloaded server (fresh memory accounting per run, no state leaking between runs).
+``summarize`` reads the run files into the statistics (``analysis.stats``): per task, the gate
+(AdamW against the trivial predictor and the head-only control on the held-out slice, by more
+than two bootstrap standard errors), each optimizer's scores and retention over seeds, and paired
+per-seed differences against AdamW with 95 % intervals; the average over the tasks that pass.
 """
 
 from __future__ import annotations
@@ -24,32 +31,47 @@ from pathlib import Path
 from typing import Any
 
 from .._io import atomic_write_json
+from ..analysis.stats import bootstrap_difference, paired_interval, verdict
 from .glue import GlueRunConfig
 from .glue_data import TASKS
 
-# Learning-rate grids, three values a factor ~3 apart, placed per method: NanoAdam updates a few
-# small weights and, as in the paper (Appendix H.1), gets larger rates; GaLore at scale 1 moves
-# only a rank-8 projection of each update and also needs larger ones; MicroAdam's update, rebuilt
-# from a 10-step window with Adam's bias correction, is several times Adam's, so it gets smaller.
+# Starting grids, three rates a factor 3 apart, extended at an edge. AdamW-like rates for the
+# dense optimizers (MiniLM-L6 is small, so a little above BERT-base's usual 2e-5 .. 5e-5);
+# NanoAdam and LIFT update 10 % of each tensor and get 10x (the paper, Appendix H.1); GaLore at
+# scale 1 moves a rank-8 projection of each update; the head-only probe trains a linear layer.
 LR_GRIDS: dict[str, list[float]] = {
-    "adamw": [3e-5, 8e-5, 2e-4],
-    "adamw8bit": [3e-5, 8e-5, 2e-4],
-    "galore": [1.5e-4, 5e-4, 1.5e-3],
-    "microadam": [5e-5, 1.5e-4, 5e-4],
-    "nanoadam": [3e-4, 1e-3, 3e-3],
-    "nanoadam-static": [3e-4, 1e-3, 3e-3],
+    "adamw": [1e-5, 3e-5, 1e-4],
+    "nanoadam": [1e-4, 3e-4, 1e-3],
+    "lift": [1e-4, 3e-4, 1e-3],
+    "head-only": [1e-3, 3e-3, 1e-2],
+    "adamw-headlr": [1e-5, 3e-5, 1e-4],
+    "adamw8bit": [1e-5, 3e-5, 1e-4],
+    "galore": [1e-4, 3e-4, 1e-3],
+    "microadam": [1e-5, 3e-5, 1e-4],
+    "nanoadam-static": [1e-4, 3e-4, 1e-3],
 }
+PRIMARY = ["adamw", "nanoadam", "lift", "head-only", "adamw-headlr"]
+SECONDARY = ["adamw8bit", "galore", "microadam", "nanoadam-static"]
+# Rates an optimizer takes from another's choice: {optimizer: {hyperparameter: other optimizer}}.
+RATE_TIES: dict[str, dict[str, str]] = {"adamw-headlr": {"head_lr": "nanoadam"}}
 
 BUDGETS: dict[str, dict[str, Any]] = {
-    # On 2 CPU cores, sized so the 5-task x 6-optimizer grid (36 runs per task) fits about 3 hours.
-    # SST-2 learns within 125 steps; STS-B gets 94. CoLA, MRPC and RTE stay at the majority class /
-    # chance for every optimizer at budgets this machine affords (CoLA and RTE measured up to 250
-    # steps; MRPC needs about 250 before any optimizer beats the majority class), so they get
-    # 63-step runs: their rows show the budget's limits, not the optimizers'.
-    "quick": dict(train_limit=1000, epochs=1.0, max_length=64, batch_size=16, eval_points=1,
+    # Sized from step times measured on 2 cores (batch 32, MiniLM-L6: CoLA 0.5 s, SST-2 1.0 s,
+    # STS-B 1.5 s, MRPC 1.8 s, RTE 3 s): whole training sets but SST-2's (a 4000-example subset),
+    # 3 epochs (RTE, the smallest, 5), 15 % held out of each for tuning and the gate.
+    "standard": dict(train_limit=None, epochs=3.0, max_length=128, batch_size=32, heldout_fraction=0.15,
+                     eval_points=2, per_task={"sst2": dict(train_limit=4000, epochs=2.0), "rte": dict(epochs=5.0)}),
+    # A smoke test: 1000 examples, one short epoch. It cannot rank optimizers: CoLA, MRPC and RTE
+    # stay at the majority class for every optimizer at this size.
+    "quick": dict(train_limit=1000, epochs=1.0, max_length=64, batch_size=16, heldout_fraction=0.2, eval_points=1,
                   per_task={"sst2": dict(train_limit=2000), "stsb": dict(train_limit=1500)}),
     # The paper's settings (Appendix H.1): whole training sets, 5 epochs, batch 8; for a GPU.
-    "paper": dict(train_limit=None, epochs=5.0, max_length=128, batch_size=8, eval_points=10),
+    "paper": dict(train_limit=None, epochs=5.0, max_length=128, batch_size=8, heldout_fraction=0.1, eval_points=10),
+}
+BUDGET_NOTES = {
+    "quick": "quick budget: a smoke test that cannot rank optimizers (most tasks do not learn at this size)",
+    "standard": "standard budget",
+    "paper": "the paper's budget",
 }
 
 
@@ -61,27 +83,31 @@ def budget_settings(budget: str, task: str | None = None) -> dict[str, Any]:
 
 
 # Per-budget optimizer settings. The paper refreshes masks every 6 to 711 steps, a small fraction
-# of each run (Table 13); a quick run has 50 to 63 steps, so NanoAdam's dynamic mask refreshes every
-# 10 (the default 100 would make it the static ablation). Density stays at 0.1 (no decay).
+# of each run (Table 13): standard runs have 170 to 700 steps, so masks refresh every 50; quick
+# runs have 50 to 63, so every 10. GaLore's projection is recomputed four times a run.
 BUDGET_OPTIMIZER_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
-    "quick": {"nanoadam": {"mask_interval": 10}},
-    "paper": {},
+    "standard": {"nanoadam": {"mask_interval": 50}, "lift": {"mask_interval": 50},
+                 "nanoadam-static": {}, "galore": {"proj_refreshes": 4}},
+    "quick": {"nanoadam": {"mask_interval": 10}, "lift": {"mask_interval": 10}, "galore": {"proj_refreshes": 4}},
+    "paper": {"galore": {"proj_refreshes": 4}},
 }
 
 
 @dataclass
 class CompareConfig:
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
-    optimizers: list[str] = field(default_factory=lambda: list(LR_GRIDS))
-    budget: str = "quick"
-    seeds: int = 3
+    optimizers: list[str] = field(default_factory=lambda: list(PRIMARY))
+    budget: str = "standard"
+    seeds: int = 5
     model: str = "minilm"
     data_dir: str | None = None
     out: str = "results/glue"
     lr_grids: dict[str, list[float]] = field(default_factory=lambda: dict(LR_GRIDS))
+    max_extensions: int = 3
     lora_r: int | None = None
     threads: int = 2
     overrides: dict[str, Any] = field(default_factory=dict)  # budget settings to override
+    rate_ties: dict[str, dict[str, str]] = field(default_factory=lambda: dict(RATE_TIES))
 
     def __post_init__(self):
         unknown = [t for t in self.tasks if t not in TASKS]
@@ -92,20 +118,26 @@ class CompareConfig:
         missing = [o for o in self.optimizers if o not in self.lr_grids]
         if missing:
             raise ValueError(f"no learning-rate grid for {', '.join(missing)}")
+        for optimizer, ties in self.rate_ties.items():
+            absent = [other for other in ties.values() if optimizer in self.optimizers and other not in self.optimizers]
+            if absent:
+                raise ValueError(f"{optimizer} takes its {', '.join(ties)} from {', '.join(absent)}, "
+                                 "which is not among the optimizers")
 
-    def run_config(self, task: str, optimizer: str, lr: float, seed: int, phase: str) -> GlueRunConfig:
+    def run_config(self, task: str, optimizer: str, lr: float, seed: int, tied: dict[str, float] | None = None
+                   ) -> GlueRunConfig:
         settings = {**budget_settings(self.budget, task), **self.overrides}
-        if phase == "tune":
-            settings["eval_points"] = 0  # held-out score at the end only
+        if seed != 0:
+            settings["eval_points"] = 0  # curves from seed 0 only
+        overrides = {**BUDGET_OPTIMIZER_OVERRIDES[self.budget].get(optimizer, {}), **(tied or {})}
         return GlueRunConfig(task=task, optimizer=optimizer, lr=lr, seed=seed, model=self.model,
-                             data_dir=self.data_dir, lora_r=self.lora_r, threads=self.threads,
-                             eval_split="heldout" if phase == "tune" else "validation",
-                             optimizer_overrides=dict(BUDGET_OPTIMIZER_OVERRIDES[self.budget].get(optimizer, {})),
-                             **settings)
+                             data_dir=self.data_dir, lora_r=self.lora_r, threads=self.threads, eval_split="heldout",
+                             optimizer_overrides=overrides, **settings)
 
 
-def run_path(out: Path, task: str, optimizer: str, phase: str, lr: float, seed: int) -> Path:
-    return out / "runs" / task / optimizer / f"{phase}-lr{lr:g}-seed{seed}.json"
+def run_path(out: Path, task: str, optimizer: str, lr: float, seed: int, tied: dict[str, float] | None = None) -> Path:
+    extra = "".join(f"-{k}{v:g}" for k, v in sorted((tied or {}).items()))
+    return out / "runs" / task / optimizer / f"lr{lr:g}{extra}-seed{seed}.json"
 
 
 def _write_atomic(path: Path, data: dict) -> None:
@@ -143,14 +175,38 @@ class RunExecutor:
         return queue.get()
 
 
+def _heldout_loss(result: dict) -> float:
+    loss = result.get("metrics", {}).get("loss")
+    return loss if isinstance(loss, (int, float)) and loss == loss else math.inf
+
+
 def best_lr(tuning: dict[float, dict]) -> float:
-    """The learning rate with the best held-out score (NaN counts as worst; ties: the smaller)."""
+    """The learning rate with the best held-out score (NaN counts as worst); equal scores go to
+    the lower held-out loss, then the smaller rate."""
     def key(item):
         lr, result = item
         score = result["score"]
-        return (-(score if score == score else -math.inf), lr)
+        return (-(score if score == score else -math.inf), _heldout_loss(result), lr)
 
     return min(tuning.items(), key=key)[0]
+
+
+def next_rate(tried: dict[float, dict], grid: list[float], max_extensions: int) -> float | None:
+    """The next rate to try: the grid's first untried one; then, while the best rate sits at an
+    edge of what was tried, one step beyond it by the ratio of the two rates at that edge (at
+    most ``max_extensions`` steps); None when the search is settled."""
+    for lr in grid:
+        if lr not in tried:
+            return lr
+    rates = sorted(tried)
+    if len(rates) - len(set(grid)) >= max_extensions or len(rates) < 2:
+        return None
+    best = best_lr(tried)
+    if best == rates[0]:
+        return float(f"{rates[0] * rates[0] / rates[1]:.3g}")
+    if best == rates[-1]:
+        return float(f"{rates[-1] * rates[-1] / rates[-2]:.3g}")
+    return None
 
 
 class RunLedger:
@@ -213,29 +269,62 @@ def retime_finals(out: Path, tasks: list[str]) -> list[dict]:
     return _set_aside(out, [p for task in tasks for p in sorted(out.glob(f"runs/{task}/*/final-*.json"))])
 
 
+def _tied(config: CompareConfig, optimizer: str, chosen: dict[str, float | None]) -> dict[str, float] | None:
+    """The rates ``optimizer`` takes from others' choices ({} when none), or None while one is
+    still being searched (or found no rate)."""
+    ties = config.rate_ties.get(optimizer, {})
+    if any(chosen.get(other) is None for other in ties.values()):
+        return None
+    return {key: chosen[other] for key, other in ties.items()}
+
+
 def run_compare(config: CompareConfig, execute=None, progress=None) -> dict:
-    """Runs (or resumes) the whole grid; returns the summary (also written to out/summary.json)."""
+    """Runs (or resumes) the whole comparison; returns the summary (also written to out/summary.json)."""
     out = Path(config.out)
-    planned = len(config.tasks) * sum(len(config.lr_grids[o]) + config.seeds for o in config.optimizers)
+    planned = len(config.tasks) * sum(len(config.lr_grids[o]) + config.seeds - 1 for o in config.optimizers)
     ledger = RunLedger(planned, execute, progress)
+    probe = config.run_config(config.tasks[0], config.optimizers[0], 1.0, 0)
+    if probe.retention_probe and not (out / "pretrained.json").exists():
+        from .glue import pretrained_retention
+
+        _write_atomic(out / "pretrained.json", {"retention": pretrained_retention(probe), "model": config.model,
+                                                 "probe_limit": probe.probe_limit})
     for task in config.tasks:
-        # Optimizers take turns (one rate of each, then the next; seed 0 of each, then seed 1) so that a
-        # machine that slows down or speeds up during a task's runs shifts every optimizer's step time
-        # alike instead of the ones that happen to run last.
-        tuning: dict[str, dict[float, dict]] = {o: {} for o in config.optimizers}
-        for turn in range(max(len(config.lr_grids[o]) for o in config.optimizers)):
+        tried: dict[str, dict[float, dict]] = {o: {} for o in config.optimizers}
+        chosen: dict[str, float | None] = {}
+
+        # Optimizers take turns (one rate of each, then the next; seed 1 of each, then seed 2) so that
+        # a machine that slows down or speeds up during a task shifts every optimizer's step time alike.
+        while len(chosen) < len(config.optimizers):
+            progressed = False
             for optimizer in config.optimizers:
-                grid = config.lr_grids[optimizer]
-                if turn < len(grid):
-                    result = ledger.ensure(config.run_config(task, optimizer, grid[turn], 0, "tune"),
-                                           run_path(out, task, optimizer, "tune", grid[turn], 0))
-                    if result is not None:
-                        tuning[optimizer][grid[turn]] = result
-        chosen = {o: best_lr(t) for o, t in tuning.items() if t}
-        for seed in range(config.seeds):
-            for optimizer, lr in chosen.items():
-                ledger.ensure(config.run_config(task, optimizer, lr, seed, "final"),
-                              run_path(out, task, optimizer, "final", lr, seed))
+                if optimizer in chosen:
+                    continue
+                if any(chosen.get(o, 0) is None for o in config.rate_ties.get(optimizer, {}).values()):
+                    chosen[optimizer] = None  # the rate it takes was never found (its runs failed)
+                    progressed = True
+                    continue
+                if (ties := _tied(config, optimizer, chosen)) is None:
+                    continue
+                lr = next_rate(tried[optimizer], config.lr_grids[optimizer], config.max_extensions)
+                if lr is None:
+                    chosen[optimizer] = best_lr(tried[optimizer]) if tried[optimizer] else None
+                    progressed = True
+                    continue
+                result = ledger.ensure(config.run_config(task, optimizer, lr, 0, ties),
+                                       run_path(out, task, optimizer, lr, 0, ties))
+                tried[optimizer][lr] = result if result is not None else {"score": float("nan")}
+                progressed = True
+            if not progressed:
+                waiting = ", ".join(o for o in config.optimizers if o not in chosen)
+                raise RuntimeError(f"rate ties form a cycle among {waiting}")
+        for seed in range(1, config.seeds):
+            for optimizer in config.optimizers:
+                lr = chosen[optimizer]
+                if lr is not None:
+                    ties = _tied(config, optimizer, chosen)
+                    ledger.ensure(config.run_config(task, optimizer, lr, seed, ties),
+                                  run_path(out, task, optimizer, lr, seed, ties))
     summary = summarize(config)
     summary["failures"] = ledger.failures
     summary["retimed"] = _retimed(out)
@@ -256,44 +345,138 @@ def _retimed(out: Path) -> list[dict]:
     return rows
 
 
+def _runs(out: Path, task: str, optimizer: str) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / "runs" / task / optimizer).glob("*.json"))]
+
+
+def _grid_row(run: dict) -> dict:
+    return {"lr": run["config"]["lr"], "heldout": run["score"], "heldout_loss": _heldout_loss(run),
+            "validation": run.get("validation", {}).get("score"), "retention": run.get("retention"),
+            "optimizer_overrides": run["config"]["optimizer_overrides"]}
+
+
+def _cell(runs: list[dict], grid: list[float], max_extensions: int) -> dict | None:
+    """One optimizer on one task: its search (seed 0 of every rate), the chosen rate and its seeds."""
+    tuning = {r["config"]["lr"]: r for r in runs if r["config"]["seed"] == 0}
+    if not tuning or next_rate(tuning, grid, max_extensions) is not None:
+        return None  # the search has not settled yet
+    lr = best_lr(tuning)
+    finals = sorted((r for r in runs if r["config"]["lr"] == lr and "validation" in r),
+                    key=lambda r: r["config"]["seed"])
+    rates = sorted(tuning)
+    scores = [r["validation"]["score"] for r in finals]
+    retention = [r["retention"] for r in finals]
+    return {
+        "lr": lr,
+        "at_edge": lr in (rates[0], rates[-1]),  # the search ran out of extensions at an edge
+        "grid": [_grid_row(tuning[x]) for x in rates],
+        "seeds": [r["config"]["seed"] for r in finals],
+        "scores": scores,
+        "heldout_scores": [r["score"] for r in finals],
+        "retention": retention,
+        "mean": statistics.fmean(scores) if scores else float("nan"),
+        "std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
+        "retention_mean": statistics.fmean(x for x in retention if x is not None) if any(
+            x is not None for x in retention) else None,
+        "metrics": {k: statistics.fmean(r["validation"][k] for r in finals)
+                    for k in finals[0]["validation"] if isinstance(finals[0]["validation"][k], (int, float))
+                    and k != "trivial_prediction"} if finals else {},
+        "median_step_s": statistics.fmean(r["median_step_s"] for r in finals) if finals else None,
+        "median_optimizer_step_s": statistics.fmean(r["median_optimizer_step_s"] for r in finals) if finals else None,
+        "peak_memory_increase_mb": _mean_or_none(r["peak_memory_increase_mb"] for r in finals),
+        "untouched_fraction": statistics.fmean(r["untouched_fraction"] for r in finals) if finals else None,
+        "l2_shift": statistics.fmean(r["l2_shift"] for r in finals) if finals else None,
+        "steps": finals[0]["steps"] if finals else None,
+        "train_examples": finals[0]["train_examples"] if finals else None,
+        "heldout_examples": len(finals[0]["heldout"]["labels"]) if finals else None,
+        "_finals": finals,
+    }
+
+
+def _paired(cell: dict, reference: dict, key: str) -> dict:
+    """Per-seed differences ``cell - reference`` of ``key`` over the seeds both have, with its interval."""
+    mine = dict(zip(cell["seeds"], cell[key]))
+    theirs = dict(zip(reference["seeds"], reference[key]))
+    common = sorted(set(mine) & set(theirs))
+    diffs = [mine[s] - theirs[s] for s in common if mine[s] is not None and theirs[s] is not None]
+    interval = paired_interval(diffs)
+    return {**interval, "verdict": verdict(interval) if interval["n"] >= 2 else "too few seeds"}
+
+
+def gate(task: str, cells: dict[str, dict], seeds: int) -> dict:
+    """Whether ``task`` learns: AdamW beats the trivial predictor and the head-only control on the
+    held-out slice by more than two standard errors (bootstrap over the slice's examples, paired,
+    every final seed). Incomplete cells leave the gate undecided."""
+    metric = TASKS[task].metric
+    adamw, head = cells.get("adamw"), cells.get("head-only")
+    if adamw is None or len(adamw["_finals"]) < seeds:
+        return {"passed": None, "reason": "AdamW's runs are not finished"}
+    labels = adamw["_finals"][0]["heldout"]["labels"]
+    mine = [r["heldout"]["predictions"] for r in adamw["_finals"]]
+    trivial = [[adamw["_finals"][0]["heldout"]["trivial_prediction"]] * len(labels)]
+    out = {"metric": metric, "vs_trivial": bootstrap_difference(metric, mine, trivial, labels)}
+    if head is None or len(head["_finals"]) < seeds:
+        return {**out, "passed": None, "reason": "the head-only control's runs are not finished"}
+    out["vs_head_only"] = bootstrap_difference(metric, mine, [r["heldout"]["predictions"] for r in head["_finals"]],
+                                               labels)
+    failed = [name for name in ("vs_trivial", "vs_head_only") if not out[name]["difference"] > 2 * out[name]["se"]]
+    reason = "; ".join(f"AdamW {name.replace('_', ' ').replace('vs', 'vs.')}: {100 * out[name]['difference']:+.2f} "
+                       f"(2 SE = {200 * out[name]['se']:.2f})" for name in failed)
+    return {**out, "passed": not failed, "reason": reason or None}
+
+
 def summarize(config: CompareConfig) -> dict:
     """Reads every finished run under ``config.out`` into per task/optimizer statistics."""
     out = Path(config.out)
-    cells: dict[str, dict[str, Any]] = {}
+    tasks: dict[str, dict[str, Any]] = {}
     finished_runs, train_seconds_total = 0, 0.0
     for task in config.tasks:
+        cells = {}
         for optimizer in config.optimizers:
-            runs = {p.name: json.loads(p.read_text()) for p in sorted((out / "runs" / task / optimizer).glob("*.json"))}
+            runs = _runs(out, task, optimizer)
             finished_runs += len(runs)
-            train_seconds_total += sum(r["train_seconds"] for r in runs.values())
-            tunes = {r["config"]["lr"]: r for name, r in runs.items() if name.startswith("tune-")}
-            finals = [r for name, r in runs.items() if name.startswith("final-")]
-            if not finals:
-                continue
-            scores = [r["score"] for r in finals]
-            cells.setdefault(task, {})[optimizer] = {
-                "lr": finals[0]["config"]["lr"],
-                "tuning": {str(lr): r["score"] for lr, r in sorted(tunes.items())},
-                "scores": scores,
-                "mean": statistics.fmean(scores),
-                "std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
-                "metrics": {k: statistics.fmean(r["metrics"][k] for r in finals)
-                            for k in finals[0]["metrics"] if isinstance(finals[0]["metrics"][k], (int, float))},
-                "median_step_s": statistics.fmean(r["median_step_s"] for r in finals),
-                "median_optimizer_step_s": statistics.fmean(r["median_optimizer_step_s"] for r in finals),
-                "peak_memory_increase_mb": _mean_or_none(r["peak_memory_increase_mb"] for r in finals),
-                "untouched_fraction": statistics.fmean(r["untouched_fraction"] for r in finals),
-                "l2_shift": statistics.fmean(r["l2_shift"] for r in finals),
-                "steps": finals[0]["steps"],
-                "train_examples": finals[0]["train_examples"],
-            }
-    averages = {}
-    for optimizer in config.optimizers:
-        per_task = [cells[t][optimizer]["mean"] for t in config.tasks if optimizer in cells.get(t, {})]
-        if len(per_task) == len(config.tasks):
-            averages[optimizer] = statistics.fmean(per_task)
-    return {"config": asdict(config), "cells": cells, "average": averages, "finished_runs": finished_runs,
+            train_seconds_total += sum(r["train_seconds"] for r in runs)
+            cell = _cell(runs, config.lr_grids[optimizer], config.max_extensions)
+            if cell is not None:
+                cells[optimizer] = cell
+        if "adamw" in cells:
+            for optimizer, cell in cells.items():
+                if optimizer != "adamw":
+                    cell["vs_adamw"] = {"score": _paired(cell, cells["adamw"], "scores"),
+                                        "retention": _paired(cell, cells["adamw"], "retention")}
+        task_gate = gate(task, cells, config.seeds)
+        for cell in cells.values():
+            cell.pop("_finals")
+        tasks[task] = {"gate": task_gate, "cells": cells}
+    pretrained = _load(out / "pretrained.json")
+    return {"config": asdict(config), "budget_note": BUDGET_NOTES[config.budget],
+            "pretrained_retention": pretrained["retention"] if pretrained else None, "tasks": tasks,
+            "average": average(config, tasks), "finished_runs": finished_runs,
             "train_seconds_total": train_seconds_total}
+
+
+def average(config: CompareConfig, tasks: dict[str, dict]) -> dict:
+    """Per optimizer, the mean over the tasks that pass the gate, per seed, and its paired
+    difference against AdamW; tasks that fail or are undecided are listed apart with the reason."""
+    included = [t for t in config.tasks if tasks[t]["gate"]["passed"]]
+    excluded = {t: tasks[t]["gate"]["reason"] or "gate undecided" for t in config.tasks if t not in included}
+    per_seed: dict[str, dict[int, float]] = {}
+    for optimizer in config.optimizers:
+        cells = [tasks[t]["cells"].get(optimizer) for t in included]
+        if not included or any(c is None for c in cells):
+            continue
+        common = set.intersection(*(set(c["seeds"]) for c in cells))
+        per_seed[optimizer] = {s: statistics.fmean(dict(zip(c["seeds"], c["scores"]))[s] for c in cells)
+                               for s in sorted(common)}
+    rows = {}
+    for optimizer, by_seed in per_seed.items():
+        row = {"mean": statistics.fmean(by_seed.values()) if by_seed else float("nan"), "seeds": sorted(by_seed)}
+        if optimizer != "adamw" and "adamw" in per_seed:
+            common = sorted(set(by_seed) & set(per_seed["adamw"]))
+            interval = paired_interval([by_seed[s] - per_seed["adamw"][s] for s in common])
+            row["vs_adamw"] = {**interval, "verdict": verdict(interval) if interval["n"] >= 2 else "too few seeds"}
+        rows[optimizer] = row
+    return {"tasks": included, "excluded": excluded, "optimizers": rows}
 
 
 def _mean_or_none(values):

@@ -1,11 +1,19 @@
 """One GLUE finetuning run: ``run(GlueRunConfig) -> dict`` (JSON-serializable).
 
 A plain PyTorch loop (the same for every optimizer: the registry builds it, the loop never
-special-cases one) over a sequence-classification model of ``transformers``. Data order depends
-on the seed alone, so every optimizer sees the same batches. The result holds the final metrics,
-the training-loss curve, evaluation curve, wall time per step, the optimizer step time, the peak
-memory increase of training (``VmHWM`` after training minus the resident size before it, Linux),
-and the backbone's parameter shift and untouched fraction (head excluded).
+special-cases one) over a sequence-classification model of ``transformers``, with the shared
+recipe (``recipe.Recipe``: warmup, linear decay, clipping at 1.0; the final checkpoint scored).
+Data order and the head's initialization depend on the seed alone, so every optimizer sees the
+same batches from the same start. With ``eval_split="heldout"`` the run trains on the training
+subset minus a held-out slice and is scored on that slice (``score``, for tuning) and on the
+validation set (``validation``, for reporting); with ``"validation"`` it trains on the whole
+subset and is scored on the validation set. Every scored split keeps its metrics, its loss, its
+predictions and the trivial predictor's score (majority class or constant) for the gates and
+paired statistics of ``compare``. The result also holds the training-loss curve, an evaluation
+curve, wall time per step, the optimizer step time, the peak memory increase of training
+(``VmHWM`` after training minus the resident size before it, Linux), the backbone's parameter
+shift and untouched fraction (head excluded), and the retention probe after training
+(``retention.sts_spearman``: zero-shot STS-B Spearman of the backbone's mean-pooled embeddings).
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ from .._io import reset_peak_rss, status_kb
 from ..analysis.shift import backbone_snapshot, shift_report
 from ..baselines import build_optimizer
 from .glue_data import TASKS, Encoded, collate, compute_metrics, encode, load_task
+from .recipe import Recipe
+from .retention import SentencePairs, sts_spearman
 
 DEFAULT_MODEL = "minilm"
 _POOL_SEED = 1234  # the training subset and the held-out slice are the same for every run
@@ -48,6 +58,10 @@ class GlueRunConfig:
     lora_r: int | None = None
     optimizer_overrides: dict[str, Any] = field(default_factory=dict)
     threads: int = 2
+    warmup_fraction: float = 0.06
+    clip_norm: float | None = 1.0
+    retention_probe: bool = True  # zero-shot STS-B Spearman of the backbone after training
+    probe_limit: int | None = None  # STS-B validation pairs the probe uses (None: all 1500)
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -56,6 +70,11 @@ class GlueRunConfig:
             raise ValueError(f"Invalid lr: {self.lr} (expected > 0)")
         if self.eval_split not in ("validation", "heldout"):
             raise ValueError(f"Invalid eval_split: {self.eval_split!r} (expected 'validation' or 'heldout')")
+        Recipe(self.warmup_fraction, self.clip_norm)  # validates
+
+    @property
+    def recipe(self) -> Recipe:
+        return Recipe(self.warmup_fraction, self.clip_norm)
 
 
 def resolve_model_path(model: str) -> str:
@@ -82,24 +101,29 @@ def load_model_and_tokenizer(model: str, num_labels: int, lora_r: int | None = N
     return net, tokenizer
 
 
-def split_data(config: GlueRunConfig, rows: dict[str, list[dict]], tokenizer) -> tuple[Encoded, Encoded]:
+def split_data(config: GlueRunConfig, rows: dict[str, list[dict]], tokenizer) -> tuple[Encoded, dict[str, Encoded]]:
+    """The training examples and the scored splits: ``{"heldout": ..., "validation": ...}`` for
+    ``eval_split="heldout"``, ``{"validation": ...}`` otherwise (the first one is ``score``'s)."""
     spec = TASKS[config.task]
     pool = list(rows["train"])
     random.Random(_POOL_SEED).shuffle(pool)
     if config.train_limit:
         pool = pool[: config.train_limit]
+    scored = {}
     if config.eval_split == "heldout":
         n_held = max(1, int(len(pool) * config.heldout_fraction))
-        evaluation, train = pool[:n_held], pool[n_held:]
+        scored["heldout"], train = pool[:n_held], pool[n_held:]
     else:
-        train, evaluation = pool, rows["validation"]
+        train = pool
+    scored["validation"] = rows["validation"]
     if config.eval_limit:
-        evaluation = evaluation[: config.eval_limit]
-    return (encode(train, spec, tokenizer, config.max_length), encode(evaluation, spec, tokenizer, config.max_length))
+        scored = {k: v[: config.eval_limit] for k, v in scored.items()}
+    encoded = {k: encode(v, spec, tokenizer, config.max_length) for k, v in scored.items()}
+    return encode(train, spec, tokenizer, config.max_length), encoded
 
 
 @torch.no_grad()
-def evaluate(model, data: Encoded, task: str, pad_id: int, batch_size: int = 64) -> dict[str, float]:
+def predict(model, data: Encoded, pad_id: int, batch_size: int = 64) -> torch.Tensor:
     model.eval()
     outputs = []
     for start in range(0, len(data), batch_size):
@@ -107,21 +131,62 @@ def evaluate(model, data: Encoded, task: str, pad_id: int, batch_size: int = 64)
         batch.pop("labels")
         outputs.append(model(**batch).logits.float())
     model.train()
-    return compute_metrics(task, torch.cat(outputs), data.labels)
+    return torch.cat(outputs)
 
 
-def run(config: GlueRunConfig, rows: dict[str, list[dict]] | None = None, progress=None) -> dict:
-    """Trains once and returns the result. ``rows`` (from ``load_task``) saves reloading data."""
+def evaluate(model, data: Encoded, task: str, pad_id: int, batch_size: int = 64) -> dict[str, float]:
+    return compute_metrics(task, predict(model, data, pad_id, batch_size), data.labels)
+
+
+def _loss(task: str, logits: torch.Tensor, labels: torch.Tensor) -> float:
+    if TASKS[task].num_labels == 1:
+        return float(torch.nn.functional.mse_loss(logits.reshape(-1), labels))
+    return float(torch.nn.functional.cross_entropy(logits, labels))
+
+
+def trivial_predictions(task: str, train_labels: torch.Tensor, n: int) -> torch.Tensor:
+    """Logits of the trivial predictor: the training set's majority class, or its mean score."""
+    if TASKS[task].num_labels == 1:
+        return torch.full((n, 1), float(train_labels.float().mean()))
+    majority = int(torch.bincount(train_labels, minlength=TASKS[task].num_labels).argmax())
+    return torch.nn.functional.one_hot(torch.full((n,), majority), TASKS[task].num_labels).float()
+
+
+def compact_predictions(task: str, logits: torch.Tensor) -> list:
+    """What a split's metric needs of the predictions: the class, or the score to 4 decimals."""
+    if TASKS[task].num_labels == 1:
+        return [round(float(x), 4) for x in logits.reshape(-1)]
+    return logits.argmax(-1).tolist()
+
+
+def scored_split(model, data: Encoded, task: str, pad_id: int, train_labels: torch.Tensor) -> dict[str, Any]:
+    """Metrics, loss, predictions, labels and the trivial predictor's score of one split."""
+    logits = predict(model, data, pad_id)
+    trivial = trivial_predictions(task, train_labels, len(data))
+    return {**compute_metrics(task, logits, data.labels), "loss": _loss(task, logits, data.labels),
+            "trivial_score": compute_metrics(task, trivial, data.labels)["score"],
+            "trivial_prediction": compact_predictions(task, trivial[:1])[0],
+            "predictions": compact_predictions(task, logits), "labels": data.labels.tolist()}
+
+
+def run(config: GlueRunConfig, rows: dict[str, list[dict]] | None = None, progress=None,
+        probe_rows: list[dict] | None = None) -> dict:
+    """Trains once and returns the result. ``rows`` (from ``load_task``) and ``probe_rows`` (STS-B
+    validation rows, for the retention probe) save reloading data."""
     torch.set_num_threads(config.threads)
     spec = TASKS[config.task]
     rows = rows if rows is not None else load_task(config.task, config.data_dir)
     torch.manual_seed(config.seed)
     model, tokenizer = load_model_and_tokenizer(config.model, spec.num_labels, config.lora_r)
-    train, evaluation = split_data(config, rows, tokenizer)
+    train, scored = split_data(config, rows, tokenizer)
+    first_split = next(iter(scored))
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
     bundle = build_optimizer(config.optimizer, model, lr=config.lr, total_steps=total_steps,
                              **config.optimizer_overrides)
+    recipe = config.recipe
+    lr_schedule = recipe.scheduler(bundle.optimizer, total_steps)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     snapshot = backbone_snapshot(model)
     pad_id = tokenizer.pad_token_id or 0
     gen = torch.Generator().manual_seed(config.seed)
@@ -130,7 +195,7 @@ def run(config: GlueRunConfig, rows: dict[str, list[dict]] | None = None, progre
 
     rss_before = status_kb("VmRSS")
     peak_ok = reset_peak_rss()
-    losses, step_times, opt_times, eval_curve = [], [], [], []
+    losses, grad_norms, step_times, opt_times, eval_curve = [], [], [], [], []
     model.train()
     started = time.perf_counter()
     for step in range(1, total_steps + 1):
@@ -140,8 +205,10 @@ def run(config: GlueRunConfig, rows: dict[str, list[dict]] | None = None, progre
         indices, order = order[: config.batch_size], order[config.batch_size:]
         loss = model(**collate(train, indices, pad_id)).loss
         loss.backward()
+        grad_norms.append(recipe.clip(trainable))
         t1 = time.perf_counter()
         bundle.step()
+        lr_schedule.step()
         bundle.optimizer.zero_grad(set_to_none=True)
         t2 = time.perf_counter()
         losses.append(loss.item())
@@ -150,22 +217,36 @@ def run(config: GlueRunConfig, rows: dict[str, list[dict]] | None = None, progre
         if not math.isfinite(losses[-1]):
             break
         if step in eval_at:
-            eval_curve.append({"step": step, **evaluate(model, evaluation, config.task, pad_id)})
+            eval_curve.append({"step": step, **evaluate(model, scored[first_split], config.task, pad_id)})
         if progress is not None:
             progress(step, total_steps)
     train_seconds = time.perf_counter() - started
     peak = status_kb("VmHWM") if peak_ok else None
-    final = evaluate(model, evaluation, config.task, pad_id) if math.isfinite(losses[-1]) else \
+    diverged = not math.isfinite(losses[-1])
+    splits = {} if diverged else {name: scored_split(model, data, config.task, pad_id, train.labels)
+                                  for name, data in scored.items()}
+    final = {k: v for k, v in splits[first_split].items() if k not in ("predictions", "labels")} if splits else \
         {"score": float("nan"), "diverged": True}
     eval_curve.append({"step": len(losses), **final})
+    retention = None
+    if config.retention_probe and not diverged:
+        probe_rows = probe_rows if probe_rows is not None else load_task("stsb", config.data_dir)["validation"]
+        retention = sts_spearman(model.base_model, tokenizer, SentencePairs.from_rows(probe_rows, config.probe_limit),
+                                 config.max_length)
     return {
         "config": asdict(config),
         "metrics": final,
         "score": final["score"],
+        **splits,
+        "retention": retention,
+        "retention_probe_held_out": config.task != "stsb",  # STS-B runs train on the probe's task
         "train_examples": len(train),
-        "eval_examples": len(evaluation),
+        "eval_examples": len(scored[first_split]),
         "steps": len(losses),
+        "total_steps": total_steps,
+        "warmup_steps": recipe.warmup_steps(total_steps),
         "loss_curve": losses,
+        "grad_norm_curve": grad_norms,
         "eval_curve": eval_curve,
         "median_step_s": statistics.median(step_times),
         "median_optimizer_step_s": statistics.median(opt_times),
@@ -174,3 +255,12 @@ def run(config: GlueRunConfig, rows: dict[str, list[dict]] | None = None, progre
         "optimizer_hyperparameters": bundle.hyperparameters,
         **shift_report(model, snapshot),
     }
+
+
+def pretrained_retention(config: GlueRunConfig, probe_rows: list[dict] | None = None) -> float:
+    """The probe on the model before any finetuning (the same for every run of ``config.model``)."""
+    torch.set_num_threads(config.threads)
+    model, tokenizer = load_model_and_tokenizer(config.model, TASKS[config.task].num_labels, config.lora_r)
+    probe_rows = probe_rows if probe_rows is not None else load_task("stsb", config.data_dir)["validation"]
+    return sts_spearman(model.base_model, tokenizer, SentencePairs.from_rows(probe_rows, config.probe_limit),
+                        config.max_length)

@@ -1,4 +1,5 @@
-"""Tables and figures of a comparison, read from the run files on disk (never recomputed)."""
+"""Tables and figures of a comparison, rendered from its summary and run files on disk (never
+recomputed, never interpreted: what a table means is written by a person in the results' README)."""
 
 from __future__ import annotations
 
@@ -10,75 +11,133 @@ from .glue_data import TASKS
 METRIC_NAMES = {"accuracy": "acc", "matthews": "MCC", "pearson": "Pearson"}
 
 
+def _pct(x) -> str:
+    return "-" if x is None or x != x else f"{100 * x:.2f}"
+
+
+def _interval(d: dict | None) -> str:
+    if not d:
+        return "-"
+    if d["n"] < 2:
+        return f"{100 * d['mean']:+.2f} (n={d['n']})"
+    return f"{100 * d['mean']:+.2f} [{100 * d['lo']:+.2f}, {100 * d['hi']:+.2f}] {d['verdict']}"
+
+
+def _gate_line(task: str, gate: dict) -> str:
+    if gate.get("passed") is None:
+        return f"gate: undecided ({gate.get('reason')})"
+    parts = [f"{name.replace('vs_', 'vs. ').replace('_', '-')} {100 * gate[name]['difference']:+.2f} "
+             f"(SE {100 * gate[name]['se']:.2f})" for name in ("vs_trivial", "vs_head_only") if name in gate]
+    return f"gate ({'passed' if gate['passed'] else 'FAILED'}): AdamW on the held-out slice " + ", ".join(parts)
+
+
 def glue_table(summary: dict) -> str:
-    """Markdown like the paper's Table 2 (metric x 100, mean +- std over seeds), with the average,
-    wall time per step, peak memory, untouched fraction and parameter shift."""
-    tasks = summary["config"]["tasks"]
-    optimizers = summary["config"]["optimizers"]
-    cells = summary["cells"]
-    head = ["optimizer"] + [f"{t.upper()} ({METRIC_NAMES[TASKS[t].metric]})" for t in tasks] + [
-        "avg", "step time (s)", "opt. step (ms)", "peak mem. (MB)", "untouched", "L2 shift"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for opt in optimizers:
-        row = [opt]
-        stats = [cells[t][opt] for t in tasks if opt in cells.get(t, {})]
-        for t in tasks:
-            c = cells.get(t, {}).get(opt)
-            row.append(f"{100 * c['mean']:.2f} ± {100 * c['std']:.2f}" if c else "-")
-        avg = summary["average"].get(opt)
-        row.append(f"**{100 * avg:.2f}**" if avg is not None else "-")
-        if stats:
-            row += [f"{_mean(stats, 'median_step_s'):.3f}", f"{1e3 * _mean(stats, 'median_optimizer_step_s'):.1f}",
-                    f"{_mean(stats, 'peak_memory_increase_mb'):.0f}",
-                    f"{100 * _mean(stats, 'untouched_fraction'):.1f} %", f"{_mean(stats, 'l2_shift'):.3f}"]
-        else:
-            row += ["-"] * 5
-        lines.append("| " + " | ".join(row) + " |")
-    if "finished_runs" in summary:
-        lines += ["", f"{summary['finished_runs']} finished runs (tuning and final); their training loops took "
-                  f"{summary['train_seconds_total'] / 3600:.2f} h in all (loading, tokenizing and evaluation "
-                  "not included)."]
+    """Per task: each optimizer's validation score (x 100, mean and std over seeds), its paired
+    difference against AdamW with the 95 % interval, its retention (zero-shot STS-B Spearman x 100)
+    and that difference, the chosen rate, parameter shift and step time; the task's gate; then
+    the average over the tasks that pass the gate."""
+    config = summary["config"]
+    lines = [f"Budget: {summary['budget_note']}. Pretrained retention (zero-shot STS-B Spearman x 100): "
+             f"{_pct(summary.get('pretrained_retention'))}.", ""]
+    for task in config["tasks"]:
+        entry = summary["tasks"].get(task, {"cells": {}, "gate": {"passed": None, "reason": "no runs"}})
+        cells = entry["cells"]
+        metric = METRIC_NAMES[TASKS[task].metric]
+        probe = "" if task != "stsb" else " (STS-B is the task here: the probe is not held out)"
+        lines += [f"### {task.upper()} ({metric})", "", _gate_line(task, entry["gate"]) + probe, "",
+                  "| optimizer | lr | score | vs. AdamW [95 % CI] | retention | vs. AdamW [95 % CI] | seeds | "
+                  "untouched | L2 shift | step (s) |", "|" + "---|" * 10]
+        for opt in config["optimizers"]:
+            c = cells.get(opt)
+            if c is None:
+                lines.append(f"| {opt} | (running) |" + " |" * 8)
+                continue
+            vs = c.get("vs_adamw", {})
+            lr = f"{c['lr']:g}" + (" (edge)" if c["at_edge"] else "")
+            lines.append(
+                f"| {opt} | {lr} | {_pct(c['mean'])} ± {_pct(c['std'])} | {_interval(vs.get('score'))} | "
+                f"{_pct(c['retention_mean'])} | {_interval(vs.get('retention'))} | {len(c['seeds'])} | "
+                f"{_pct(c['untouched_fraction'])} % | {c['l2_shift']:.3f} | {c['median_step_s']:.3f} |")
+        lines += ["", "Held-out score per rate (seed 0): " + "; ".join(
+            f"{opt} " + ", ".join(f"{row['lr']:g}: {_pct(row['heldout'])}" for row in c["grid"])
+            for opt, c in cells.items()), ""]
+    avg = summary["average"]
+    lines += ["### Average over the tasks that pass the gate", "",
+              f"Tasks: {', '.join(avg['tasks']) or 'none yet'}."]
+    for task, reason in avg["excluded"].items():
+        lines.append(f"Left out: {task} ({reason}).")
+    if avg["optimizers"]:
+        lines += ["", "| optimizer | average | vs. AdamW [95 % CI] | seeds |", "|---|---|---|---|"]
+        for opt, row in avg["optimizers"].items():
+            lines.append(f"| {opt} | {_pct(row['mean'])} | {_interval(row.get('vs_adamw'))} | {len(row['seeds'])} |")
+    lines += ["", f"{summary['finished_runs']} finished runs; their training loops took "
+              f"{summary['train_seconds_total'] / 3600:.2f} h in all (loading, evaluation and probe not included)."]
     if summary.get("retimed"):
-        lines += ["", "Reran for timing (the first run's step time was disturbed or confounded with run order); "
-                  "the table uses the rerun. Median step time and score, first run -> rerun:", ""]
+        lines += ["", "Reran for timing (median step time and score, first run -> rerun):", ""]
         for r in summary["retimed"]:
             new_time = f"{r['new_median_step_s']:.3f} s" if r["new_median_step_s"] is not None else "not rerun"
             new_score = f"{100 * r['new_score']:.2f}" if r["new_score"] is not None else "-"
             lines.append(f"- {r['run']}: {r['old_median_step_s']:.3f} s -> {new_time}; "
                          f"score {100 * r['old_score']:.2f} -> {new_score}")
-    lines += ["", "Learning rates chosen on the held-out slice (held-out score per grid value):", ""]
-    for t in tasks:
-        chosen = "; ".join(f"{o} **{cells[t][o]['lr']:g}** ({_grid_scores(cells[t][o]['tuning'])})"
-                           for o in optimizers if o in cells.get(t, {}))
-        lines.append(f"- {t}: {chosen}")
     return "\n".join(lines)
 
 
-def _grid_scores(tuning: dict[str, float]) -> str:
-    return ", ".join(f"{float(lr):g}: {100 * score:.1f}" for lr, score in tuning.items())
-
-
-def _mean(cells: list[dict], key: str) -> float:
-    values = [c[key] for c in cells if c[key] is not None]
-    return sum(values) / len(values) if values else float("nan")
-
-
-def plot_curves(out: Path, summary: dict) -> list[Path]:
-    """Per task: training loss (moving average) and validation metric against steps, seed 0."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_frontiers(out: Path, summary: dict) -> list[Path]:
+    """Per task: validation score against retention for every rate each optimizer tried (seed 0),
+    the chosen rate's seed mean marked; the pretrained model's retention as a vertical line."""
+    plt = _pyplot()
     written = []
     for task in summary["config"]["tasks"]:
-        cells = summary["cells"].get(task, {})
+        cells = summary["tasks"].get(task, {}).get("cells", {})
+        if not cells:
+            continue
+        fig, ax = plt.subplots(figsize=(6.5, 4.5))
+        for opt, cell in cells.items():
+            rows = [r for r in cell["grid"] if r["retention"] is not None and r["validation"] is not None]
+            line, = ax.plot([100 * r["retention"] for r in rows], [100 * r["validation"] for r in rows], marker="o",
+                            label=opt, alpha=0.8)
+            for r in rows:
+                ax.annotate(f"{r['lr']:g}", (100 * r["retention"], 100 * r["validation"]), fontsize=6,
+                            color=line.get_color())
+            if cell["retention_mean"] is not None:
+                ax.plot(100 * cell["retention_mean"], 100 * cell["mean"], marker="*", markersize=12,
+                        color=line.get_color())
+        if summary.get("pretrained_retention") is not None:
+            ax.axvline(100 * summary["pretrained_retention"], color="gray", linestyle="--", label="pretrained")
+        ax.set(xlabel="retention: zero-shot STS-B Spearman x 100", ylabel=f"validation {TASKS[task].metric} x 100",
+               title=f"{task}: task score vs. retention over each LR grid (seed 0; star: chosen rate, seed mean)")
+        ax.title.set_fontsize(8)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        target = out / f"frontier_{task}.png"
+        fig.savefig(target, dpi=110)
+        plt.close(fig)
+        written.append(target)
+    return written
+
+
+def plot_curves(out: Path, summary: dict) -> list[Path]:
+    """Per task: training loss (moving average) and held-out metric against steps, seed 0 at the
+    chosen rate."""
+    plt = _pyplot()
+    written = []
+    for task in summary["config"]["tasks"]:
+        cells = summary["tasks"].get(task, {}).get("cells", {})
         if not cells:
             continue
         fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(11, 4))
         for opt, cell in cells.items():
-            path = out / "runs" / task / opt / f"final-lr{cell['lr']:g}-seed0.json"
-            if not path.exists():
+            path = _seed0_path(out, task, opt, cell)
+            if path is None:
                 continue
             run = json.loads(path.read_text())
             losses = run["loss_curve"]
@@ -89,7 +148,7 @@ def plot_curves(out: Path, summary: dict) -> list[Path]:
             ax_metric.plot([p["step"] for p in run["eval_curve"]], [100 * p["score"] for p in run["eval_curve"]],
                            marker="o", label=opt)
         ax_loss.set(xlabel="step", ylabel="training loss (moving average)", title=f"{task}: training loss")
-        ax_metric.set(xlabel="step", ylabel=f"validation {TASKS[task].metric} x 100", title=f"{task}: validation")
+        ax_metric.set(xlabel="step", ylabel=f"held-out {TASKS[task].metric} x 100", title=f"{task}: held-out slice")
         ax_loss.legend(fontsize=8)
         ax_metric.legend(fontsize=8)
         fig.tight_layout()
@@ -98,3 +157,9 @@ def plot_curves(out: Path, summary: dict) -> list[Path]:
         plt.close(fig)
         written.append(target)
     return written
+
+
+def _seed0_path(out: Path, task: str, optimizer: str, cell: dict) -> Path | None:
+    for path in sorted((out / "runs" / task / optimizer).glob(f"lr{cell['lr']:g}-*seed0.json")):
+        return path
+    return None
