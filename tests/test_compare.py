@@ -1,7 +1,9 @@
 """The GLUE comparison: held-out tuning, resumable run files, tables; and `nanoadam finetune`."""
 
 import json
+import math
 import os
+from dataclasses import asdict
 
 import pytest
 
@@ -10,14 +12,21 @@ pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 
 from nanoadam_lab.cli import main  # noqa: E402
-from nanoadam_lab.experiments.compare import CompareConfig, _write_atomic, best_lr, run_compare  # noqa: E402
+from nanoadam_lab.experiments.compare import (  # noqa: E402
+    CompareConfig,
+    _write_atomic,
+    best_lr,
+    next_rate,
+    run_compare,
+)
 from nanoadam_lab.experiments.glue import run  # noqa: E402
-from nanoadam_lab.experiments.report import glue_table, plot_curves  # noqa: E402
+from nanoadam_lab.experiments.report import glue_table, plot_curves, plot_frontiers  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "glue")
 if not os.path.isdir(DATA):
     DATA = "/work/shared/data/glue"
-TINY = dict(train_limit=40, eval_limit=40, max_steps=2, max_length=32, batch_size=8, epochs=1.0, eval_points=1)
+TINY = dict(train_limit=60, eval_limit=40, max_steps=2, max_length=32, batch_size=8, epochs=1.0, eval_points=1,
+            probe_limit=24)
 
 
 def in_process(calls):
@@ -28,58 +37,107 @@ def in_process(calls):
 
 
 def test_compare_tunes_on_heldout_resumes_and_reports(tmp_path):
-    config = CompareConfig(tasks=["rte"], optimizers=["adamw", "nanoadam"], seeds=2, data_dir=DATA,
-                           out=str(tmp_path), lr_grids={"adamw": [1e-4, 1e-3], "nanoadam": [1e-3]}, overrides=TINY)
+    grids = {"adamw": [1e-4, 1e-3], "nanoadam": [1e-3], "head-only": [1e-3]}
+    config = CompareConfig(tasks=["rte"], optimizers=list(grids), seeds=2, data_dir=DATA, out=str(tmp_path),
+                           lr_grids=grids, max_extensions=0, overrides=TINY)
     calls = []
     summary = run_compare(config, execute=in_process(calls))
-    assert len(calls) == 3 + 4 and not summary["failures"]
-    tune = json.loads(next((tmp_path / "runs/rte/adamw").glob("tune-*.json")).read_text())
-    assert tune["config"]["eval_split"] == "heldout" and tune["eval_examples"] == 8  # 20 % of 40, never validation
-    cell = summary["cells"]["rte"]["nanoadam"]
-    assert len(cell["scores"]) == 2 and 0 <= cell["untouched_fraction"] <= 1 and cell["untouched_fraction"] > 0.8
-    assert summary["cells"]["rte"]["adamw"]["untouched_fraction"] < cell["untouched_fraction"]
-    assert set(summary["average"]) == {"adamw", "nanoadam"}
+    assert len(calls) == 4 + 3 and not summary["failures"]
+    for path in calls:
+        result = json.loads(path.read_text())
+        # Trained without the held-out slice (15 % of 60), scored on it and on the validation set.
+        assert result["config"]["eval_split"] == "heldout" and result["train_examples"] == 51
+        assert len(result["heldout"]["labels"]) == 9 and len(result["validation"]["predictions"]) == 40
+        assert result["score"] == result["heldout"]["score"] and -1 <= result["retention"] <= 1
+        assert result["warmup_steps"] == 1 and len(result["grad_norm_curve"]) == 2
+    assert 0.5 < summary["pretrained_retention"] < 1
+    cells = summary["tasks"]["rte"]["cells"]
+    nano = cells["nanoadam"]
+    assert nano["seeds"] == [0, 1] and nano["untouched_fraction"] > 0.8 > cells["adamw"]["untouched_fraction"]
+    assert set(nano["vs_adamw"]) == {"score", "retention"} and nano["vs_adamw"]["score"]["n"] == 2
+    assert [row["lr"] for row in cells["adamw"]["grid"]] == [1e-4, 1e-3]
+    gate = summary["tasks"]["rte"]["gate"]
+    assert gate["passed"] in (True, False) and {"vs_trivial", "vs_head_only"} <= set(gate)
     again = []
     run_compare(config, execute=in_process(again))
     assert again == []  # every finished run is reused
     table = glue_table(summary)
-    assert "RTE (acc)" in table and "nanoadam" in table
-    assert summary["finished_runs"] == 7 and "7 finished runs" in table
-    assert f"adamw **{summary['cells']['rte']['adamw']['lr']:g}** (0.0001: " in table
-    assert plot_curves(tmp_path, summary)[0].exists()
+    assert "### RTE (acc)" in table and "| nanoadam | 0.001 (edge) |" in table and "gate (" in table
+    assert "7 finished runs" in table and "adamw 0.0001: " in table
+    assert plot_curves(tmp_path, summary)[0].exists() and plot_frontiers(tmp_path, summary)[0].exists()
 
 
-def test_optimizers_take_turns_so_machine_drift_is_shared(tmp_path, monkeypatch):
-    config = CompareConfig(tasks=["rte"], optimizers=["adamw", "nanoadam"], seeds=2, out=str(tmp_path),
-                           lr_grids={"adamw": [1e-4, 1e-3], "nanoadam": [1e-3]})
-    calls = []
-
+def _fake_runs(calls, tmp_path, score_of):
     def fake(config, path):
         calls.append(str(path.relative_to(tmp_path / "runs/rte")))
-        _write_atomic(path, {"score": config.lr, "config": {"lr": config.lr}})
+        score = score_of(config)
+        _write_atomic(path, {"score": score, "metrics": {"score": score, "loss": 1.0}, "config": asdict(config)})
+    return fake
 
+
+def test_optimizers_take_turns_and_ties_wait_for_their_rate(tmp_path, monkeypatch):
+    grids = {"adamw": [1e-4, 1e-3], "nanoadam": [1e-3, 3e-3], "adamw-headlr": [1e-4]}
+    config = CompareConfig(tasks=["rte"], optimizers=list(grids), seeds=2, out=str(tmp_path), lr_grids=grids,
+                           max_extensions=0, overrides={"retention_probe": False})
+    calls = []
     from nanoadam_lab.experiments import compare
     monkeypatch.setattr(compare, "summarize", lambda config: {})  # the fake runs hold no metrics
-    run_compare(config, execute=fake)
-    assert calls == ["adamw/tune-lr0.0001-seed0.json", "nanoadam/tune-lr0.001-seed0.json",
-                     "adamw/tune-lr0.001-seed0.json",
-                     "adamw/final-lr0.001-seed0.json", "nanoadam/final-lr0.001-seed0.json",
-                     "adamw/final-lr0.001-seed1.json", "nanoadam/final-lr0.001-seed1.json"]
+    # Scores fall with the rate: every search settles on its smallest rate.
+    run_compare(config, execute=_fake_runs(calls, tmp_path, lambda c: -c.lr))
+    assert calls == ["adamw/lr0.0001-seed0.json", "nanoadam/lr0.001-seed0.json",
+                     "adamw/lr0.001-seed0.json", "nanoadam/lr0.003-seed0.json",
+                     "adamw-headlr/lr0.0001-head_lr0.001-seed0.json",  # after nanoadam settled, at its rate
+                     "adamw/lr0.0001-seed1.json", "nanoadam/lr0.001-seed1.json",
+                     "adamw-headlr/lr0.0001-head_lr0.001-seed1.json"]
+    run = json.loads((tmp_path / "runs/rte/adamw-headlr/lr0.0001-head_lr0.001-seed1.json").read_text())
+    assert run["config"]["optimizer_overrides"]["head_lr"] == 1e-3
 
 
-def test_best_lr_prefers_score_then_smaller_rate():
-    assert best_lr({1e-4: {"score": 0.5}, 1e-3: {"score": 0.7}}) == 1e-3
-    assert best_lr({1e-4: {"score": 0.7}, 1e-3: {"score": 0.7}}) == 1e-4
-    assert best_lr({1e-4: {"score": float("nan")}, 1e-3: {"score": 0.1}}) == 1e-3
+def test_a_best_rate_at_an_edge_extends_the_grid(tmp_path, monkeypatch):
+    config = CompareConfig(tasks=["rte"], optimizers=["adamw"], seeds=1, out=str(tmp_path),
+                           lr_grids={"adamw": [1e-4, 3e-4]}, max_extensions=2, overrides={"retention_probe": False})
+    calls = []
+    from nanoadam_lab.experiments import compare
+    monkeypatch.setattr(compare, "summarize", lambda config: {})
+    # The score peaks at 9e-4: two steps up from the grid, found, and the search stops there.
+    run_compare(config, execute=_fake_runs(calls, tmp_path, lambda c: -abs(math.log(c.lr / 9e-4))))
+    assert calls == ["adamw/lr0.0001-seed0.json", "adamw/lr0.0003-seed0.json", "adamw/lr0.0009-seed0.json",
+                     "adamw/lr0.0027-seed0.json"]
+
+
+def test_next_rate_extends_at_either_edge_up_to_the_limit():
+    def tried(scores):
+        return {lr: {"score": s} for lr, s in scores.items()}
+    grid = [1e-4, 1e-3]
+    assert next_rate({}, grid, 3) == 1e-4
+    assert next_rate(tried({1e-4: 0.5, 1e-3: 0.7}), grid, 3) == pytest.approx(1e-2)
+    assert next_rate(tried({1e-4: 0.7, 1e-3: 0.5}), grid, 3) == pytest.approx(1e-5)
+    assert next_rate(tried({1e-5: 0.1, 1e-4: 0.7, 1e-3: 0.5}), grid, 3) is None  # best inside
+    assert next_rate(tried({1e-4: 0.5, 1e-3: 0.7}), grid, 0) is None  # no extensions allowed
+
+
+def test_best_lr_prefers_score_then_lower_heldout_loss():
+    def r(score, loss):
+        return {"score": score, "metrics": {"loss": loss}}
+    assert best_lr({1e-4: r(0.5, 1.0), 1e-3: r(0.7, 2.0)}) == 1e-3
+    assert best_lr({1e-4: r(0.7, 0.9), 1e-3: r(0.7, 0.6)}) == 1e-3  # a tie goes to the lower loss
+    assert best_lr({1e-4: r(0.0, 0.6), 1e-3: r(0.0, 0.6)}) == 1e-4  # then to the smaller rate
+    assert best_lr({1e-4: r(float("nan"), 0.1), 1e-3: r(0.1, 5.0)}) == 1e-3
+
+
+def test_rate_ties_need_their_source_among_the_optimizers():
+    with pytest.raises(ValueError, match="head_lr from nanoadam"):
+        CompareConfig(optimizers=["adamw", "adamw-headlr"])
 
 
 def test_finetune_cli_writes_a_result(tmp_path, capsys):
     assert main(["finetune", "--task", "stsb", "--optimizer", "nanoadam", "--lr", "1e-3", "--data-dir", DATA,
-                 "--max-steps", "2", "--out", str(tmp_path)]) == 0
+                 "--budget", "quick", "--max-steps", "2", "--no-retention", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "pearson" in out
     result = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert result["config"]["optimizer_overrides"] == {"mask_interval": 10} and result["steps"] == 2
+    assert result["retention"] is None and result["config"]["warmup_fraction"] == 0.06
 
 
 @pytest.mark.parametrize("argv,match", [
@@ -133,31 +191,27 @@ def test_slow_runs_are_found_and_set_aside(tmp_path):
     from nanoadam_lab.experiments.compare import _retimed, retime, slow_runs
 
     folder = tmp_path / "runs" / "rte" / "adamw"
-    for name, step in [("final-lr1e-4-seed0", 0.30), ("final-lr1e-4-seed1", 0.33), ("final-lr1e-4-seed2", 0.90),
-                       ("tune-lr1e-4-seed0", 0.25)]:
+    for name, step in [("lr1e-05-seed0", 0.30), ("lr1e-05-seed1", 0.33), ("lr1e-05-seed2", 0.90),
+                       ("lr3e-05-seed0", 0.29)]:
         _write_atomic(folder / f"{name}.json", {"median_step_s": step, "score": 0.5})
-    assert slow_runs(tmp_path, 1.3) == [folder / "final-lr1e-4-seed2.json"]
+    assert slow_runs(tmp_path, 1.3) == [folder / "lr1e-05-seed2.json"]
     moved = retime(tmp_path, 1.3)
-    assert moved[0]["old_median_step_s"] == 0.90 and not (folder / "final-lr1e-4-seed2.json").exists()
-    _write_atomic(folder / "final-lr1e-4-seed2.json", {"median_step_s": 0.31, "score": 0.5})
-    assert _retimed(tmp_path) == [{"run": "runs/rte/adamw/final-lr1e-4-seed2.json", "old_median_step_s": 0.9,
+    assert moved[0]["old_median_step_s"] == 0.90 and not (folder / "lr1e-05-seed2.json").exists()
+    _write_atomic(folder / "lr1e-05-seed2.json", {"median_step_s": 0.31, "score": 0.5})
+    assert _retimed(tmp_path) == [{"run": "runs/rte/adamw/lr1e-05-seed2.json", "old_median_step_s": 0.9,
                                    "new_median_step_s": 0.31, "old_score": 0.5, "new_score": 0.5}]
 
 
-def test_retime_finals_sets_aside_every_final_of_the_task_and_the_table_lists_reruns(tmp_path):
+def test_retime_finals_sets_aside_every_final_of_the_task(tmp_path):
     from nanoadam_lab.experiments.compare import _retimed, retime_finals
 
-    for task, name in [("stsb", "adamw/final-lr1e-4-seed0"), ("stsb", "nanoadam/final-lr1e-3-seed1"),
-                       ("stsb", "adamw/tune-lr1e-4-seed0"), ("rte", "adamw/final-lr1e-4-seed0")]:
+    for task, name in [("stsb", "adamw/lr1e-05-seed0"), ("stsb", "adamw/lr1e-05-seed1"),
+                       ("stsb", "adamw/lr3e-05-seed0"), ("rte", "adamw/lr1e-05-seed0"), ("rte", "adamw/lr1e-05-seed1")]:
         _write_atomic(tmp_path / "runs" / task / f"{name}.json", {"median_step_s": 0.5, "score": 0.4})
     moved = retime_finals(tmp_path, ["stsb"])
-    assert [m["run"] for m in moved] == ["runs/stsb/adamw/final-lr1e-4-seed0.json",
-                                         "runs/stsb/nanoadam/final-lr1e-3-seed1.json"]
-    assert (tmp_path / "runs/stsb/adamw/tune-lr1e-4-seed0.json").exists()
-    assert (tmp_path / "runs/rte/adamw/final-lr1e-4-seed0.json").exists()
-    _write_atomic(tmp_path / "runs/stsb/adamw/final-lr1e-4-seed0.json", {"median_step_s": 0.41, "score": 0.4})
-    summary = {"config": {"tasks": ["stsb"], "optimizers": []}, "cells": {"stsb": {}}, "average": {},
-               "retimed": _retimed(tmp_path)}
-    table = glue_table(summary)
-    assert "- runs/stsb/adamw/final-lr1e-4-seed0.json: 0.500 s -> 0.410 s; score 40.00 -> 40.00" in table
-    assert "- runs/stsb/nanoadam/final-lr1e-3-seed1.json: 0.500 s -> not rerun; score 40.00 -> -" in table
+    assert [m["run"] for m in moved] == ["runs/stsb/adamw/lr1e-05-seed0.json", "runs/stsb/adamw/lr1e-05-seed1.json"]
+    assert (tmp_path / "runs/stsb/adamw/lr3e-05-seed0.json").exists()
+    assert (tmp_path / "runs/rte/adamw/lr1e-05-seed0.json").exists()
+    _write_atomic(tmp_path / "runs/stsb/adamw/lr1e-05-seed0.json", {"median_step_s": 0.41, "score": 0.4})
+    assert _retimed(tmp_path)[0] == {"run": "runs/stsb/adamw/lr1e-05-seed0.json", "old_median_step_s": 0.5,
+                                     "new_median_step_s": 0.41, "old_score": 0.4, "new_score": 0.4}

@@ -108,13 +108,14 @@ def test_deterministic():
     assert r1 == r2
 
 
-def test_write_outputs(result, tmp_path):
-    written = toy.write_outputs(result, str(tmp_path))
-    names = {p.split("/")[-1] for p in written}
+def test_result_is_written_then_rendered_from_disk(result, tmp_path, monkeypatch):
+    monkeypatch.setattr(toy, "run", lambda config, progress=None: result)
+    written = toy.main(toy.ToyConfig(out_dir=str(tmp_path)), command="test")
+    names = {p.name for p in written}
     assert names == {"toy.json", "toy.md", "toy_1_added.png", "toy_2_added.png"}
     for p in written:
-        assert (tmp_path / p.split("/")[-1]).stat().st_size > 0
-    assert not list(tmp_path.glob("*.tmp"))
+        assert p.stat().st_size > 0
+    assert not list(tmp_path.glob("*.tmp*"))
     assert json.loads((tmp_path / "toy.json").read_text())["seeds"] == [0, 1]
     md = (tmp_path / "toy.md").read_text()
     assert "| Small weights |" in md and "| Large gradients |" in md and "±" in md

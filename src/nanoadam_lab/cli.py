@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--seed", type=int, default=0)
     finetune.add_argument("--epochs", type=_positive_float)
     finetune.add_argument("--max-steps", type=_positive_int)
+    finetune.add_argument("--no-retention", action="store_true",
+                          help="skip the retention probe (zero-shot STS-B Spearman after training, about 15 s)")
 
     compare = commands.add_parser("compare", help="optimizers x GLUE tasks: one recipe, LR tuned on held-out data, "
                                                   "5 seeds, paired intervals against AdamW, retention probe")
@@ -266,7 +268,7 @@ def _finetune(args) -> int:
                            seed=args.seed, model=args.model, data_dir=args.data_dir, max_steps=args.max_steps,
                            lora_r=args.lora_r if args.peft == "lora" else None, threads=args.threads,
                            optimizer_overrides=dict(BUDGET_OPTIMIZER_OVERRIDES[args.budget].get(args.optimizer, {})),
-                           **settings)
+                           retention_probe=not args.no_retention, **settings)
     with tqdm(desc=f"{args.task} {args.optimizer}", unit="step") as bar:
         def progress(step, total):
             bar.total = total
@@ -274,7 +276,10 @@ def _finetune(args) -> int:
         result = run(config, progress=progress)
     out = args.out or Path("results/finetune")
     name = f"{args.task}-{args.optimizer}-lr{config.lr:g}-seed{args.seed}"
-    metrics = {k: v for k, v in result["metrics"].items() if k != "score" and isinstance(v, float)}
+    metrics = {k: v for k, v in result["metrics"].items()
+               if k not in ("score", "trivial_prediction") and isinstance(v, float)}
+    if result["retention"] is not None:
+        metrics["retention (STS-B Spearman)"] = result["retention"]
     table = "\n".join([
         "| task | optimizer | lr | " + " | ".join(metrics) + " | steps | step time (s) | untouched | L2 shift |",
         "|---|---|---|" + "---|" * (len(metrics) + 4),
@@ -327,20 +332,18 @@ def _compare(args) -> int:
 
 
 def _machine() -> dict:
-    from .bench.step import machine_info
+    from .experiment import machine_info
 
     return machine_info()
 
 
 def _reproduce_toy(args) -> int:
-    from .experiments.toy import ToyConfig, run, write_outputs
+    from .experiments.toy import ToyConfig, main
 
     config = ToyConfig(seed=args.seed, n_seeds=args.seeds, input_dim=args.input_dim,
                        student_width=args.student_width, finetune_steps=args.finetune_steps, fraction=args.fraction,
                        mask_interval=args.mask_interval, out_dir=str(args.out))
-    result = run(config, progress=True)
-    result["command"] = _command_line()
-    for path in write_outputs(result, config.out_dir):
+    for path in main(config, progress=True, command=_command_line()):
         print(path)
     return 0
 

@@ -103,7 +103,7 @@ def run(config: BackwardBenchConfig, progress=None) -> dict:
     for row in rows:
         base = next(r for r in rows if r["setting"] == row["setting"] and r["optimizer"] == "adamw")
         row["peak_vs_adamw"] = row["peak_training_mb"] / base["peak_training_mb"]
-    from .step import machine_info
+    from ..experiment import machine_info
 
     return {"config": asdict(config), "rows": rows, "machine": machine_info()}
 

@@ -33,7 +33,7 @@ def run_table(config: MemoryTableConfig) -> dict:
         measured = measure_state_bytes(config.model, config.density)
         for name, key in _MEASURED_NAME.items():
             rows[name].update(measured[key])
-    from .step import machine_info
+    from ..experiment import machine_info
 
     return {"config": {k: getattr(config, k) for k in config.__dataclass_fields__}, "rows": rows,
             "machine": machine_info()}

@@ -33,8 +33,8 @@ from nanoadam.grouping import dense_parameter_names
 from .._io import DEFAULT_MMAP_THRESHOLD, allocator_note, measurement_env, reset_peak_rss, status_kb
 from ..baselines import available_optimizers, build_optimizer, optimizer_state_bytes
 from ..baselines.registry import REGISTRY, galore_target_names
+from ..experiment import machine_info
 from .formulas import TensorInfo, layout_formula_bytes
-from .step import machine_info
 
 DEFAULT_MODEL = "minilm"
 

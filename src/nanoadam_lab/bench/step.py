@@ -13,16 +13,15 @@ with fused AdamW the same way over fewer steps. Timing is per ``step()`` call
 
 from __future__ import annotations
 
-import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 
 import torch
 
-from nanoadam import _cpu
 from nanoadam.optimizer import NanoAdam
+
+from ..experiment import machine_info
 
 
 def minilm_shapes(vocab: int = 30522, hidden: int = 384, layers: int = 6, ffn: int = 1536,
@@ -177,31 +176,6 @@ def _nano_summary(opt, blocks: list[list[float]], fused_blocks: list[list[float]
 def _adamw_state_bytes(opt) -> int:
     return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
                if isinstance(v, torch.Tensor))
-
-
-def machine_info() -> dict:
-    import os
-
-    return {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "processor": _cpu_model(),
-        "platform": platform.platform(),
-        "cpu_kernels": _cpu.available(),
-    }
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def format_table(result: dict) -> str:

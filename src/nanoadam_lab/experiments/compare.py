@@ -232,13 +232,12 @@ class RunLedger:
 
 
 def slow_runs(out: Path, factor: float) -> list[Path]:
-    """Runs whose median step took more than ``factor`` times the fastest run of the same task,
-    optimizer and phase: the same work, so such a run was slowed by something else on the machine."""
-    groups: dict[tuple, list[tuple[float, Path]]] = {}
+    """Runs whose median step took more than ``factor`` times the fastest run of the same task and
+    optimizer: the same work, so such a run was slowed by something else on the machine."""
+    groups: dict[Path, list[tuple[float, Path]]] = {}
     for path in sorted(out.glob("runs/*/*/*.json")):
         run = json.loads(path.read_text())
-        key = (path.parent, path.name.split("-")[0])
-        groups.setdefault(key, []).append((run["median_step_s"], path))
+        groups.setdefault(path.parent, []).append((run["median_step_s"], path))
     slow = []
     for runs in groups.values():
         fastest = min(t for t, _ in runs)
@@ -263,10 +262,16 @@ def _set_aside(out: Path, paths: list[Path]) -> list[dict]:
 
 
 def retime_finals(out: Path, tasks: list[str]) -> list[dict]:
-    """Moves every final run of ``tasks`` aside (as ``retime`` does) so that the next
-    ``run_compare`` reruns them with optimizers taking turns: for grids first run one optimizer
-    after another, whose step times then carry the machine's drift over the task."""
-    return _set_aside(out, [p for task in tasks for p in sorted(out.glob(f"runs/{task}/*/final-*.json"))])
+    """Moves every final run of ``tasks`` (the seeds of a chosen rate: a rate with more than one
+    seed) aside, as ``retime`` does, so that the next ``run_compare`` reruns them with optimizers
+    taking turns."""
+    finals = []
+    for task in tasks:
+        by_rate: dict[tuple[Path, str], list[Path]] = {}
+        for path in sorted(out.glob(f"runs/{task}/*/*.json")):
+            by_rate.setdefault((path.parent, path.name.rsplit("-seed", 1)[0]), []).append(path)
+        finals += [p for paths in by_rate.values() if len(paths) > 1 for p in paths]
+    return _set_aside(out, finals)
 
 
 def _tied(config: CompareConfig, optimizer: str, chosen: dict[str, float | None]) -> dict[str, float] | None:

@@ -56,18 +56,12 @@ from torch import nn
 from .._io import atomic_write_text
 from ..analysis.shift import backbone_snapshot, shift_report
 from ..baselines import available_optimizers, build_optimizer
+from .compare import LR_GRIDS as COMPARE_LR_GRIDS
 from .compare import budget_settings
 
-# The language forgetting experiment's grids (the first comparison's, before the recipe; the
-# analyses issue redoes this experiment with the GLUE recipe and its grids).
-LR_GRIDS: dict[str, list[float]] = {
-    "adamw": [3e-5, 8e-5, 2e-4],
-    "adamw8bit": [3e-5, 8e-5, 2e-4],
-    "galore": [1.5e-4, 5e-4, 1.5e-3],
-    "microadam": [5e-5, 1.5e-4, 5e-4],
-    "nanoadam": [3e-4, 1e-3, 3e-3],
-    "nanoadam-static": [3e-4, 1e-3, 3e-3],
-}
+# The language experiment runs the comparison's optimizers (not its controls) at its grids.
+LANGUAGE_OPTIMIZERS = ["adamw", "adamw8bit", "galore", "microadam", "nanoadam", "nanoadam-static"]
+LR_GRIDS: dict[str, list[float]] = {name: COMPARE_LR_GRIDS[name] for name in LANGUAGE_OPTIMIZERS}
 
 METRICS = ("task1", "task2", "task1_after", "avg", "forgetting", "l2_shift", "relative_shift", "untouched_fraction")
 DEFAULT_OUT_DIR = "docs/results/forgetting"

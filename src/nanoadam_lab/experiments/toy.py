@@ -4,7 +4,7 @@ Small weights versus large gradients when finetuning a two-layer ReLU network
 ``f(x) = sum_j a_j relu(w_j . x)`` that was pretrained in the feature-learning (rich) regime.
 
 Setup. The extracted paper lost every number of Appendix E; each one below is a choice made here
-(defaults of ``ToyConfig``), also listed in the generated ``toy.md``:
+(defaults of ``ToyConfig``), also listed in the rendered ``toy.md``:
 
 * Inputs ``x ~ N(0, I_d)`` with ``d = input_dim = 2``, so that neurons can be drawn exactly (Fig. 3).
 * Teacher: ``teacher_width = 2`` neurons, ``w*_i`` with i.i.d. Rademacher entries divided by ``sqrt(d)``
@@ -49,16 +49,25 @@ seed. Reproduce the committed results (``docs/results/toy``) with ``nanoadam rep
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
-from .._io import atomic_write_text
+from ..experiment import (
+    machine_info,
+    markdown_table,
+    mean_std,
+    pyplot,
+    run_and_render,
+    save_figure,
+    settings_table,
+    write_markdown,
+)
 
 STRATEGIES = ("small_weights", "large_gradients", "small_weights_static", "large_gradients_static", "full")
 LABELS = {
@@ -385,135 +394,47 @@ def _verdict(tasks: dict, cfg: ToyConfig) -> dict:
 # outputs
 
 
-def _fmt(st: dict) -> str:
-    return f"{st['mean']:.3g} ± {st['std']:.2g}"
-
-
-def markdown(result: dict) -> str:
+def render(result: dict, out_dir: str) -> list[Path]:
+    """``toy.md`` (tables of the result's numbers and its settings) and one ``toy_<k>_added.png``
+    per task, from ``result`` as read back from ``toy.json``."""
     cfg = result["config"]
-    lines = ["# Toy teacher-student: small weights vs large gradients (Sec. 2.3, Fig. 3, Tables 8 and 9)", ""]
-    lines += [
-        f"Reproduce: `{result.get('command', 'nanoadam reproduce toy')}` "
-        f"({result['elapsed_s']:.0f} s on {result['environment']['threads']} CPU threads, "
-        f"torch {result['environment']['torch']}).",
-        "",
-        f"Mean ± sample std (ddof 1) over {cfg['n_seeds']} seeds {result['seeds']}. Test loss = MSE "
-        f"`mean((f(x) - y)^2)` on {cfg['n_test']} fresh samples of the finetuning task; distance = "
-        "`||theta_ft - theta_pre||_2` over all parameters (W and a); large-neuron distance = the same restricted "
-        f"to the pretrained neurons with `|a_j| ||w_j|| >= {cfg['large_neuron_threshold']} * max`; "
-        "touched = fraction of the entries of W that moved at least once; gradient share = masked part of the "
-        "squared full-gradient norm `(||g*m||^2 / ||g||^2)`, averaged over the finetuning steps.",
-        "",
-        f"Pretraining: train MSE {_fmt(result['pretrain']['train_loss'])}, test MSE "
-        f"{_fmt(result['pretrain']['test_loss'])}; large pretrained neurons: "
-        f"{_fmt(result['pretrain']['large_neurons'])} of {cfg['student_width']}.",
-        "",
-    ]
-    for k, t in result["tasks"].items():
-        table = "8" if k == "1" else "9" if k == "2" else "-"
-        lines += [f"## {k} added neuron{'s' if k != '1' else ''} (paper Table {table})", "",
-                  f"Pretrained student before finetuning: test MSE {_fmt(t['pretrained_test_loss'])}.", "",
-                  "| method | test loss | distance | large-neuron distance | path length | touched (W) "
-                  "| gradient share |",
-                  "|---|---|---|---|---|---|---|"]
-        for s, m in t["methods"].items():
-            lines.append(f"| {LABELS[s]} | {_fmt(m['test_loss'])} | {_fmt(m['distance'])} | "
-                         f"{_fmt(m['large_neuron_distance'])} | {_fmt(m['path_length'])} | "
-                         f"{_fmt(m['ever_changed_fraction_W'])} | {_fmt(m['gradient_share'])} |")
-        lines.append("")
+    pre = result["pretrain"]
+    sections = [
+        f"Mean ± sample std (ddof 1) over {cfg['n_seeds']} seeds {result['seeds']}; test loss = MSE on "
+        f"{cfg['n_test']} fresh samples of the finetuning task; distance = L2 from the pretrained parameters.", "",
+        markdown_table(["pretraining", "train MSE", "test MSE", "large neurons"],
+                       [["student", mean_std(pre["train_loss"]), mean_std(pre["test_loss"]),
+                         f"{mean_std(pre['large_neurons'])} of {cfg['student_width']}"]]), ""]
+    written = []
+    for k, task in result["tasks"].items():
+        rows = [[LABELS[name], mean_std(m["test_loss"]), mean_std(m["distance"]), mean_std(m["large_neuron_distance"]),
+                 mean_std(m["path_length"]), mean_std(m["ever_changed_fraction_W"]), mean_std(m["gradient_share"])]
+                for name, m in task["methods"].items()]
+        sections += [f"## {k} added neuron{'s' if k != '1' else ''}", "",
+                     f"Pretrained student on the new task: test MSE {mean_std(task['pretrained_test_loss'])}.", "",
+                     markdown_table(["method", "test loss", "distance", "large-neuron distance", "path length",
+                                     "touched (W)", "gradient share"], rows), ""]
         for regime, per_task in result["verdict"].items():
-            tl, di = per_task[k]["test_loss"], per_task[k]["distance"]
-            lines += [f"{regime.capitalize()} masks: small weights have the lower test loss on "
-                      f"{tl['seeds_small_weights_lower']}/{tl['seeds']} seeds (mean: "
-                      f"{'yes' if tl['small_weights_lower_mean'] else 'no'}) and the shorter distance on "
-                      f"{di['seeds_small_weights_lower']}/{di['seeds']} seeds "
-                      f"(mean: {'yes' if di['small_weights_lower_mean'] else 'no'}).", ""]
-        lines += [f"![{k} added]({_figure_name(k)})", ""]
-    lines += ["## Choices (the extracted paper lost these numbers)", ""]
-    lines += [f"- {c}" for c in _choices(cfg)]
-    lines.append("")
-    lines += ["## Do small weights beat large gradients here?", ""]
-    if not result["verdict"]:
-        lines += ["Not compared (a small-weights / large-gradients pair is needed).", ""]
-    for regime in result["verdict"]:
-        lines += [_verdict_paragraph(result, regime), ""]
-    return "\n".join(lines)
-
-
-def _verdict_paragraph(result: dict, regime: str) -> str:
-    tasks, verdict = result["tasks"], result["verdict"][regime]
-    small, large = PAIRS[regime]
-    what = {"dynamic": f"Masks re-chosen every {result['config']['mask_interval']} steps (main result)",
-            "static": "Masks chosen once, at the first finetuning step"}[regime]
-    parts, loss_wins, dist_wins = [], 0, 0
-    for k, v in verdict.items():
-        sw, lg = tasks[k]["methods"][small], tasks[k]["methods"][large]
-        loss_wins += v["test_loss"]["small_weights_lower_mean"]
-        dist_wins += v["distance"]["small_weights_lower_mean"]
-        parts.append(
-            f"with {k} added neuron{'s' if k != '1' else ''}, small weights reach test MSE {_fmt(sw['test_loss'])} "
-            f"against {_fmt(lg['test_loss'])} for large gradients "
-            f"(lower on {v['test_loss']['seeds_small_weights_lower']}/{v['test_loss']['seeds']} seeds) "
-            f"and travel {_fmt(sw['distance'])} against {_fmt(lg['distance'])} "
-            f"(shorter on {v['distance']['seeds_small_weights_lower']}/{v['distance']['seeds']} seeds); the mask of "
-            f"small weights holds {_fmt(sw['gradient_share'])} of the squared gradient norm, that of large gradients "
-            f"{_fmt(lg['gradient_share'])}")
-    n = len(verdict)
-    if loss_wins == n and dist_wins == n:
-        head = "yes: small weights have both the lower mean test loss and the shorter mean distance, as in the paper."
-    elif dist_wins == n and loss_wins == 0:
-        head = ("no, not on the test loss: small weights move the pretrained student less (shorter distance, as in "
-                "the paper) but fit the new task worse than large gradients, unlike the paper's Tables 8 and 9.")
-    else:
-        head = (f"mixed: small weights have the lower mean test loss in {loss_wins}/{n} tasks and the shorter mean "
-                f"distance in {dist_wins}/{n}.")
-    text = f"**{what}**: " + head + " In numbers: " + "; ".join(parts) + "."
-    low = [k for k in verdict if tasks[k]["methods"][small]["gradient_share"]["mean"] < 0.05]
-    if low and regime == "dynamic":
-        text += (
-            f" With {' and '.join(low)} added neuron(s) the small-weight mask holds under 5 % of the squared gradient "
-            "norm, i.e. it sits mostly on entries that the new task barely moves; and since the mask is re-chosen, an "
-            "entry that does grow leaves the smallest set and is frozen again, which caps how far small weights can "
-            "grow."
-        )
-    return text
-
-
-def _choices(cfg: dict) -> list[str]:
-    return [
-        f"input dimension d = {cfg['input_dim']} (neurons drawn exactly, no projection); inputs x ~ N(0, I_d)",
-        f"teacher: {cfg['teacher_width']} neurons, w* = Rademacher / sqrt(d) (unit norm), a* = +-1 (Rademacher); "
-        "teacher and added neurons have pairwise distinct sign patterns",
-        f"student: {cfg['student_width']} neurons, f(x) = sum_j a_j relu(w_j . x) (no 1/m), balanced init "
-        f"w_j ~ N(0, {cfg['init_scale']:g}^2/d I), a_j = +-||w_j|| (random sign)",
-        f"pretraining: full-batch GD on 0.5 * MSE, {cfg['n_train']} samples, {cfg['pretrain_steps']} steps, "
-        f"lr {cfg['pretrain_lr']:g}, all parameters",
-        f"finetuning tasks: teacher + {cfg['added_neurons']} new neurons drawn like the teacher's, fresh set of "
-        f"{cfg['n_train']} training samples",
-        f"finetuning: plain full-batch GD (no Adam), {cfg['finetune_steps']} steps, lr {cfg['finetune_lr']:g}; per "
-        f"layer ceil({cfg['fraction']:g} * numel) entries (W and a separately) chosen by smallest |weight| or "
-        f"largest |gradient|, re-chosen every {cfg['mask_interval']} steps by the same rule for both (main result); "
-        "the `*_static` rows choose the masks once, at the first finetuning step, and keep them (the setting of "
-        "Theorem 2.2, where a fixed small neuron is trained)",
-        f"metrics on {cfg['n_test']} fresh test samples; {cfg['n_seeds']} seeds from {cfg['seed']}; mean and sample "
-        "std (ddof 1); distance = endpoint L2 over all parameters (the paper's measure, Lemma E.2)",
-        f"large pretrained neuron: |a_j| ||w_j|| >= {cfg['large_neuron_threshold']:g} * max (for the large-neuron "
-        "distance); figures: seed index "
-        f"{cfg['figure_seed']}, points at |a_j| w_j, arrows at |a*_i| w*_i, colour = sign of the output weight",
-        "float64, one CPU thread, gradients written out (equal to autograd, ReLU'(0) = 0)",
-    ]
+            loss, dist = per_task[k]["test_loss"], per_task[k]["distance"]
+            sections.append(f"Seeds on which small weights are lower ({regime} masks): test loss "
+                            f"{loss['seeds_small_weights_lower']}/{loss['seeds']}, "
+                            f"distance {dist['seeds_small_weights_lower']}/{dist['seeds']}.")
+        if result.get("figure") is not None:
+            written.append(plot_task(result, k, os.path.join(out_dir, _figure_name(k))))
+            sections += ["", f"![{k} added]({_figure_name(k)})"]
+        sections.append("")
+    sections += ["## Settings", "", settings_table(cfg)]
+    title = "Toy teacher-student: small weights vs large gradients (Sec. 2.3, Fig. 3, Tables 8 and 9)"
+    return [*written, write_markdown(out_dir, "toy", title, result, sections)]
 
 
 def _figure_name(k) -> str:
     return f"toy_{k}_added.png"
 
 
-def plot_task(result: dict, k: str, path: str) -> None:
+def plot_task(result: dict, k: str, path: str) -> Path:
     """Draw Fig. 3 for task ``k`` (a panel per strategy) into ``path`` (PNG, written atomically)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig_data = result["figure"]
     T = fig_data["teacher_width"]
@@ -580,36 +501,18 @@ def plot_task(result: dict, k: str, path: str) -> None:
     fig.suptitle(f"{k} added neuron{'s' if k != '1' else ''}, fraction {result['config']['fraction']:g} per layer",
                  fontsize=10)
     fig.tight_layout(rect=(0, 0.5 / (4.4 * nrows + 0.6), 1, 1 - 0.3 / (4.4 * nrows + 0.6)), h_pad=2.5)
-    tmp = path + ".tmp"
-    fig.savefig(tmp, format="png", dpi=130)
-    plt.close(fig)
-    os.replace(tmp, path)
+    return save_figure(fig, path, dpi=130)
 
 
-def write_outputs(result: dict, out_dir: str) -> list[str]:
-    """Write ``toy.json``, ``toy.md`` and one ``toy_<k>_added.png`` per task into ``out_dir`` (atomically)."""
-    os.makedirs(out_dir, exist_ok=True)
-    written = []
-    if result.get("figure") is not None:
-        for k in result["tasks"]:
-            path = os.path.join(out_dir, _figure_name(k))
-            plot_task(result, k, path)
-            written.append(path)
-    path = os.path.join(out_dir, "toy.json")
-    atomic_write_text(path, json.dumps(result, indent=1) + "\n")
-    written.append(path)
-    path = os.path.join(out_dir, "toy.md")
-    atomic_write_text(path, markdown(result))
-    written.append(path)
-    return written
-
-
-def main(config: ToyConfig | None = None, progress=True) -> dict:
-    """Run with ``config`` (default: ``ToyConfig()``) and write the outputs to ``config.out_dir``."""
+def main(config: ToyConfig | None = None, progress=True, command: str | None = None) -> list[Path]:
+    """Runs with ``config`` (default: ``ToyConfig()``), writes ``toy.json`` to ``config.out_dir`` and
+    renders from it."""
     config = config or ToyConfig()
-    result = run(config, progress=progress)
-    write_outputs(result, config.out_dir)
-    return result
+
+    def run_with_command(cfg):
+        return {"command": command or "nanoadam reproduce toy", "machine": machine_info(), **run(cfg, progress)}
+
+    return run_and_render(run_with_command, render, config, config.out_dir, "toy")
 
 
 if __name__ == "__main__":
