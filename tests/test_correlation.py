@@ -7,6 +7,7 @@ import torch
 from nanoadam_lab.analysis.correlation import (
     CorrelationConfig,
     _top_location,
+    render,
     rho,
     rho_details,
     run,
@@ -163,13 +164,18 @@ def test_miniature_run_writes_outputs(tmp_path):
         assert s["qkv_layers"] == 2 and s["qkv_matrices"] == 6
         assert 0 <= s["qkv_layers_lower_finetune"] <= 2 and 0 <= s["qkv_matrices_lower_finetune"] <= 6
     written = write_outputs(result, str(tmp_path))
-    names = {p.rsplit("/", 1)[-1] for p in written}
-    assert {"correlation.json", "correlation.md", "scatter_L1_query.png", "scatter_L1_key.png",
-            "scatter_L1_value.png", "scatter_L1_ffn_in.png", "scatter_word_emb.png"} <= names
+    names = {p.name for p in written}
+    assert {"correlation.json", "correlation_scatter.json", "correlation.md", "scatter_L1_query.png",
+            "scatter_L1_key.png", "scatter_L1_value.png", "scatter_L1_ffn_in.png", "scatter_word_emb.png"} <= names
     for p in written:
-        assert (tmp_path / p.rsplit("/", 1)[-1]).stat().st_size > 0
+        assert p.stat().st_size > 0
     loaded = json.loads((tmp_path / "correlation.json").read_text(), parse_constant=pytest.fail)
     assert "scatter" not in loaded and loaded["summary"]["start"]["qkv_layers"] == 2
     md = (tmp_path / "correlation.md").read_text()
-    assert "Produced by" in md and "CorrelationConfig(" in md and "torch" in md and "Does the paper's effect" in md
-    json.dumps(result["scatter"])  # the samples are serializable too
+    # Numbers and settings only: what they mean is the results README's job.
+    assert "torch" in md and "| `top_fraction` | 0.0001 |" in md and "| L0.qkv |" in md
+    assert "Does the paper's effect" not in md
+    # Rendering again from the files on disk alone draws the same tables and figures.
+    (tmp_path / "correlation.md").unlink()
+    again = render(json.loads((tmp_path / "correlation.json").read_text()), str(tmp_path))
+    assert (tmp_path / "correlation.md").read_text() == md and len(again) == len(written) - 2

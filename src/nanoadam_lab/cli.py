@@ -349,16 +349,14 @@ def _reproduce_toy(args) -> int:
 
 
 def _reproduce_correlation(args) -> int:
-    from .analysis.correlation import CorrelationConfig, run, write_outputs
+    from .analysis.correlation import CorrelationConfig, main
 
     config = CorrelationConfig(seed=args.seed, steps=args.steps, model=args.model, data_dir=args.data_dir,
                                top_fraction=args.top_fraction, bottom_fraction=args.bottom_fraction,
                                threads=args.threads, out_dir=str(args.out))
     if args.data_dir is not None:
         _check_glue_inputs(argparse.Namespace(data_dir=args.data_dir, model=args.model), ["sst2"])
-    result = run(config, progress=print)
-    result["command"] = _command_line()
-    for path in write_outputs(result, config.out_dir):
+    for path in main(config, progress=print, command=_command_line()):
         print(path)
     return 0
 

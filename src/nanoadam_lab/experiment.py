@@ -101,8 +101,9 @@ def provenance_lines(result: dict) -> list[str]:
                  f"{machine['threads']} threads" if machine.get("threads") else None,
                  f"torch {machine['torch']}" if machine.get("torch") else None, machine.get("platform")]
         lines.append("Machine: " + ", ".join(p for p in parts if p) + f"; date: {machine.get('date', 'not recorded')}")
-    if result.get("elapsed_s") is not None:
-        lines.append(f"Wall time: {result['elapsed_s']:.0f} s")
+    elapsed = result.get("elapsed_s", result.get("seconds"))
+    if elapsed is not None:
+        lines.append(f"Wall time: {elapsed:.0f} s")
     return [line + "  " for line in lines] + [""]
 
 

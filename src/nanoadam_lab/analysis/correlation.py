@@ -9,8 +9,8 @@ side by side on the same batches, the same architecture randomly initialized (``
 measures ``rho`` on the gradient of the first batch ("start") and on the gradient after ``steps`` AdamW steps
 ("later") for the query/key/value weights of every layer (also concatenated per layer, like the fused ``qkv``
 matrix of the paper's timm ViTs), the attention output, the two feed-forward weights, the word and position
-embeddings and the classifier. ``write_outputs`` writes ``correlation.json``, ``correlation.md`` and log-log
-scatter plots of ``|grad|`` against ``|w|``.
+embeddings and the classifier. ``write_outputs`` writes ``correlation.json`` and the scatter samples, and
+``render`` draws ``correlation.md`` and log-log scatter plots of ``|grad|`` against ``|w|`` from them.
 
 Exact zero gradients are excluded (by default) from ``rho`` and from the plots: in the embeddings only the rows
 of tokens / positions present in the batch receive a gradient, and ranking the millions of structurally zero
@@ -20,17 +20,24 @@ vocabulary rather than about the gradient-weight relationship.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import platform
 import time
 from dataclasses import asdict, dataclass, fields
-from datetime import datetime, timezone
+from pathlib import Path
 
 import torch
 
-from .._io import atomic_write_text
+from ..experiment import (
+    machine_info,
+    markdown_table,
+    pyplot,
+    read_result,
+    save_figure,
+    settings_table,
+    write_markdown,
+    write_result,
+)
 
 _REPRODUCE_MODULE = "nanoadam_lab.analysis.correlation"
 KINDS = ("query", "key", "value", "qkv", "attn_out", "ffn_in", "ffn_out")
@@ -184,18 +191,6 @@ def _flat(model_params: dict, names: list[str], attr: str) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------------------------
 # experiment
-
-
-def machine_info() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "processor": cpu,
-            "platform": platform.platform()}
 
 
 def reproduce_call(config: CorrelationConfig) -> str:
@@ -427,51 +422,54 @@ def _f(x: float) -> str:
     return "-" if x is None or not math.isfinite(x) else f"{x:.3g}"
 
 
-def markdown(result: dict) -> str:
-    cfg, mach, s = result["config"], result["machine"], result["summary"]
-    n = result["steps_done"]
-    top_pct, bot_pct = 100 * cfg["top_fraction"], 100 * cfg["bottom_fraction"]
-    one = cfg["measure_batches"] == 1
-    first = "batch" if one else f"{cfg['measure_batches']} batches (summed)"
-    lines = ["# Gradient-weight correlation: finetuning vs training from scratch (Sec. 2.1, Eq. 1, Fig. 1, Table 1)",
-             "",
-             "Produced by (from the repository root): "
-             + (f"`{result['command']}`" if "command" in result else f"`python -c \"{result['reproduce']}\"`"),
-             "",
-             f"Machine: {mach['processor']}, {mach['cpu_count']} cores, {mach['threads']} torch thread(s), "
-             f"torch {mach['torch']}, {mach['platform']}; date: {mach['date']}; run time {result['seconds']:.0f} s.",
-             "",
-             f"Model: {result['model']['description']}, {result['model']['num_layers']} layers, hidden "
-             f"{result['model']['hidden_size']}; scratch = {result['model']['scratch']}. Task {cfg['task']} "
-             f"(train split), batch {cfg['batch_size']}, max length {cfg['max_length']}, AdamW lr {cfg['lr']:g}, "
-             f"weight decay {cfg['weight_decay']:g}, seed {cfg['seed']}; both models see the same batches.",
-             "",
-             f"`rho = A / B` (paper Eq. 1): A = median |w| of the top {top_pct:g} % entries by |grad|, B = max |w| of "
-             f"the bottom {bot_pct:g} % entries by |grad|, per weight tensor; smaller rho = large gradients on small "
-             f"weights. **start** = gradient of the first {first} at the initial weights; "
-             f"**later** = gradient of the next unseen {'batch' if one else 'batches'} after {n} AdamW steps"
-             + (f" (the budget stopped training before the requested {cfg['steps']})" if n < cfg["steps"] else "")
-             + ". `qkv` = query, key and value weights of a layer concatenated (the fused `attn.qkv` matrix of the "
-             "timm ViTs in the paper's Table 1). `ref` = median(|w|) / max(|w|), the value rho takes (up to "
-             "sampling noise) when the gradient ranking ignores the weights; `rho/ref` < 1 = the largest gradients "
-             "sit on smaller-than-typical weights. Entries with exactly zero gradient are excluded throughout.",
-             "",
-             "## Summary", ""]
-    for phase in ("start", "later"):
-        p = s[phase]
-        lines.append(f"- **{phase}** (after {result['phases'][phase]['after_steps']} steps): rho(finetune) < "
-                     f"rho(scratch) in **{p['qkv_layers_lower_finetune']} of {p['qkv_layers']} layers** (fused "
-                     f"qkv) and in **{p['qkv_matrices_lower_finetune']} of {p['qkv_matrices']}** separate "
-                     f"query/key/value matrices; normalized by the weight-only reference (rho/ref): "
-                     f"{p['qkv_layers_lower_finetune_norm']} of {p['qkv_layers']} layers and "
-                     f"{p['qkv_matrices_lower_finetune_norm']} of {p['qkv_matrices']} matrices.")
-    lines += ["", "Per kind: tensors with rho(finetune) < rho(scratch) / count, mean rho finetune / scratch, and the "
-              "same for rho/ref:", "",
-              "| kind | start: lower | start: mean ft / scr | start rho/ref: lower | start rho/ref: mean ft / scr "
-              "| later: lower | later: mean ft / scr | later rho/ref: lower | later rho/ref: mean ft / scr |",
-              "|---|---|---|---|---|---|---|---|---|"]
+def render(result: dict, out_dir: str, scatter: dict | None = None) -> list[Path]:
+    """``correlation.md`` (the result's numbers and settings as tables) and, where the scatter
+    samples are at hand (``correlation_scatter.json``), one ``scatter_<tensor>.png`` per tensor."""
+    cfg, s = result["config"], result["summary"]
+    if scatter is None and (Path(out_dir) / "correlation_scatter.json").exists():
+        scatter = read_result(out_dir, "correlation_scatter")
+    model = result["model"]
+    sections = [
+        f"Model: {model['description']}, {model['num_layers']} layers, hidden {model['hidden_size']}; scratch = "
+        f"{model['scratch']}. `rho = A / B` (Eq. 1): A = median |w| of the top {100 * cfg['top_fraction']:g} % "
+        f"entries by |grad|, B = max |w| of the bottom {100 * cfg['bottom_fraction']:g} %; `ref` = median(|w|) / "
+        f"max(|w|); start = the first batch's gradient, later = an unseen batch's after {result['steps_done']} "
+        "AdamW steps; `qkv` = a layer's query, key and value weights concatenated.", "",
+        "## Summary: tensors with rho(finetune) < rho(scratch)", "",
+        markdown_table(["phase", "after steps", "fused qkv layers", "separate q/k/v matrices", "layers (rho/ref)",
+                        "matrices (rho/ref)"],
+                       [[phase, result["phases"][phase]["after_steps"],
+                         f"{s[phase]['qkv_layers_lower_finetune']}/{s[phase]['qkv_layers']}",
+                         f"{s[phase]['qkv_matrices_lower_finetune']}/{s[phase]['qkv_matrices']}",
+                         f"{s[phase]['qkv_layers_lower_finetune_norm']}/{s[phase]['qkv_layers']}",
+                         f"{s[phase]['qkv_matrices_lower_finetune_norm']}/{s[phase]['qkv_matrices']}"]
+                        for phase in ("start", "later")]), "",
+        "## Per kind: lower / count, mean rho finetune / scratch", "", _kind_table(s), "",
+        "## rho per tensor: rho (rho/ref); n = entries with a non-zero gradient at the start", "",
+        _tensor_table(result), "",
+        "## Spearman correlation of |w| and |grad|, mean per kind", "", _spearman_table(result), "",
+        "## Distinct input columns spanned by the top-gradient entries, mean per kind", "",
+        *_location_table(result), "",
+        "## Loss", "", _loss_table(result), ""]
+    written = []
+    for label in _plot_labels({"scatter": scatter} if scatter else {}):
+        written.append(plot_tensor({**result, "scatter": scatter}, label, os.path.join(out_dir, _figure_name(label))))
+    sections += [f"![{p.name}]({p.name})" for p in written]
+    if not written:
+        sections += [f"![{f}]({f})" for f in _existing_figures(out_dir)]
+    sections += ["", "## Settings", "", settings_table(cfg)]
+    title = "Gradient-weight correlation: finetuning vs training from scratch (Sec. 2.1, Eq. 1, Fig. 1)"
+    return [*written, write_markdown(out_dir, "correlation", title, result, sections)]
+
+
+def _existing_figures(out_dir: str) -> list[str]:
+    return sorted(p.name for p in Path(out_dir).glob("scatter_*.png"))
+
+
+def _kind_table(s: dict) -> str:
+    rows = []
     for kind in s["start"]["per_kind"]:
-        cells = []
+        cells = [kind]
         for phase in ("start", "later"):
             d = s[phase]["per_kind"].get(kind, {})
             for suffix in ("", "_norm"):
@@ -480,79 +478,65 @@ def markdown(result: dict) -> str:
                               f"{_f(d['mean_finetune' + suffix])} / {_f(d['mean_scratch' + suffix])}"]
                 else:
                     cells += ["-", "-"]
-        lines.append(f"| {kind} | " + " | ".join(cells) + " |")
-    lines += ["", _verdict(result), "", "## rho per tensor", "",
-              "ft = pretrained init (finetuning), scr = random init (scratch); each cell: rho (rho/ref). n = entries "
-              "with non-zero gradient at the start (the tensor's total in 'entries'). Bold: rho(ft) < rho(scr).", "",
-              "| tensor | entries | n start (ft / scr) | start ft | start scr | later ft | later scr |",
-              "|---|---|---|---|---|---|---|"]
+        rows.append(cells)
+    return markdown_table(["kind", "start: lower", "start: mean ft / scr", "start rho/ref: lower",
+                           "start rho/ref: mean ft / scr", "later: lower", "later: mean ft / scr",
+                           "later rho/ref: lower", "later rho/ref: mean ft / scr"], rows)
+
+
+def _tensor_table(result: dict) -> str:
+    rows = []
     for t in result["tensors"]:
         r = t["rho"]
-        cells = []
+        n_start = f"{r['finetune']['start']['n']} / {r['scratch']['start']['n']}"
+        cells = [t["label"], r["finetune"]["start"]["numel"], n_start]
         for phase in ("start", "later"):
-            a, b = r["finetune"][phase], r["scratch"][phase]
-            lower = math.isfinite(a["rho"]) and math.isfinite(b["rho"]) and a["rho"] < b["rho"]
-            ca = f"{_f(a['rho'])} ({_f(a['rho_norm'])})"
-            cells += [f"**{ca}**" if lower else ca, f"{_f(b['rho'])} ({_f(b['rho_norm'])})"]
-        ns = f"{r['finetune']['start']['n']} / {r['scratch']['start']['n']}"
-        lines.append(f"| {t['label']} | {r['finetune']['start']['numel']} | {ns} | " + " | ".join(cells) + " |")
-    lines += ["", "Spearman rank correlation of |w| and |grad| over the same entries (negative = larger gradients "
-              "on smaller weights), mean per kind:", "",
-              "| kind | start ft | start scr | later ft | later scr |", "|---|---|---|---|---|"]
-    for kind in s["start"]["per_kind"]:
+            for side in ("finetune", "scratch"):
+                d = r[side][phase]
+                cells.append(f"{_f(d['rho'])} ({_f(d['rho_norm'])})")
+        rows.append(cells)
+    return markdown_table(["tensor", "entries", "n start (ft / scr)", "start ft", "start scr", "later ft",
+                           "later scr"], rows)
+
+
+def _spearman_table(result: dict) -> str:
+    rows = []
+    for kind in result["summary"]["start"]["per_kind"]:
         ts = [t for t in result["tensors"] if t["kind"] == kind]
-        cells = []
+        cells = [kind]
         for phase in ("start", "later"):
             for side in ("finetune", "scratch"):
                 vals = [t["rho"][side][phase]["spearman"] for t in ts]
-                vals = [v for v in vals if math.isfinite(v)]
+                vals = [v for v in vals if v is not None and math.isfinite(v)]
                 cells.append(_f(sum(vals) / len(vals)) if vals else "-")
-        lines.append(f"| {kind} | " + " | ".join(cells) + " |")
-    lines += _location_table(result)
+        rows.append(cells)
+    return markdown_table(["kind", "start ft", "start scr", "later ft", "later scr"], rows)
+
+
+def _loss_table(result: dict) -> str:
     ml = result["measured_loss"]
-    lines += ["", f"Training loss (mean over the {n} steps): finetune {_loss(result['train_loss']['finetune'])}, "
-              f"scratch {_loss(result['train_loss']['scratch'])}; loss on the measured batch, start / later: "
-              f"finetune {_f(ml['finetune']['start'])} / {_f(ml['finetune']['later'])}, scratch "
-              f"{_f(ml['scratch']['start'])} / {_f(ml['scratch']['later'])}.", ""]
-    figs = [_figure_name(label) for label in _plot_labels(result)]
-    if figs:
-        lines += ["## Scatter plots", "",
-                  f"Log-log |grad| against |w| for layer {result['plot_layer']} (middle layer) query, key, value, the "
-                  "first feed-forward weight (`intermediate.dense`, ffn_in) and the word embedding; rows: pretrained "
-                  f"init vs random init, columns: start vs later. Grey: a uniform sample of {cfg['scatter_sample']} "
-                  f"of the non-zero-gradient entries; red: every top-{top_pct:g} % gradient entry; dashed lines: A "
-                  "(red), B (blue) and median |w| (black, dotted). Entries with |w| = 0 or |grad| = 0 cannot be drawn "
-                  "on log axes and are left out (the panel title counts the excluded zero-gradient entries; in the "
-                  "word embedding these are the rows of tokens absent from the batch).", ""]
-        lines += [f"![{f}]({f})" for f in figs] + [""]
-    lines += ["## Choices the paper leaves open", ""] + [f"- {c}" for c in _choices(cfg)] + [""]
-    return "\n".join(lines)
+    return markdown_table(["model", "training loss (mean over the steps)", "measured batch, start",
+                           "measured batch, later"],
+                          [[side, _loss(result["train_loss"][side]), _f(ml[side]["start"]), _f(ml[side]["later"])]
+                           for side in ("finetune", "scratch")])
 
 
 def _location_table(result: dict) -> list[str]:
     """Distinct input columns spanned by the top-|grad| entries (mean per kind) and the qkv split."""
     kinds = [k for k in result["summary"]["start"]["per_kind"] if k not in ("qkv", "classifier")]
-    lines = ["", "Where the top-gradient entries sit: mean number of distinct input columns (of the "
-             "weight's `[out, in]` layout; hidden dimensions for the embeddings) spanned by the top entries, of "
-             "k_top entries. Few columns = the large gradients come from a few input features with large "
-             "activations (gradient = outer product of output error and input), and rho then measures the weights "
-             "of those columns.", "",
-             "| kind | k_top | start ft | start scr | later ft | later scr |", "|---|---|---|---|---|---|"]
+    rows = []
     for kind in kinds:
         ts = [t for t in result["tensors"] if t["kind"] == kind]
-        cells = []
+        cells = [kind, "/".join(map(str, sorted({t["rho"]["finetune"]["start"]["k_top"] for t in ts})))]
         for phase in ("start", "later"):
             for side in ("finetune", "scratch"):
-                vals = [t["rho"][side][phase].get("top_distinct_cols") for t in ts]
-                vals = [v for v in vals if v is not None]
+                vals = [v for v in (t["rho"][side][phase].get("top_distinct_cols") for t in ts) if v is not None]
                 cells.append(f"{sum(vals) / len(vals):.3g}" if vals else "-")
-        k_top = sorted({t["rho"]["finetune"]["start"]["k_top"] for t in ts})
-        lines.append(f"| {kind} | {'/'.join(map(str, k_top))} | " + " | ".join(cells) + " |")
+        rows.append(cells)
+    lines = [markdown_table(["kind", "k_top", "start ft", "start scr", "later ft", "later scr"], rows)]
     qkv = [t for t in result["tensors"] if t["kind"] == "qkv"]
     if qkv:
-        lines += ["", "Fused qkv: top entries in query / key / value, summed over the layers:", "",
-                  "| | start ft | start scr | later ft | later scr |", "|---|---|---|---|---|"]
-        cells = []
+        cells = ["top entries q / k / v (fused qkv, summed over layers)"]
         for phase in ("start", "later"):
             for side in ("finetune", "scratch"):
                 tot = {"query": 0, "key": 0, "value": 0}
@@ -560,114 +544,12 @@ def _location_table(result: dict) -> list[str]:
                     for part, c in t["rho"][side][phase].get("top_in_part", {}).items():
                         tot[part] = tot.get(part, 0) + c
                 cells.append(" / ".join(str(tot[p]) for p in ("query", "key", "value")))
-        lines.append("| top entries q / k / v | " + " | ".join(cells) + " |")
+        lines += ["", markdown_table(["", "start ft", "start scr", "later ft", "later scr"], [cells])]
     return lines
 
 
 def _loss(xs: list[float]) -> str:
     return _f(sum(xs) / len(xs)) if xs else "-"
-
-
-def _verdict(result: dict) -> str:
-    s = result["summary"]
-    st, la = s["start"], s["later"]
-
-    def share(p: dict, key: str) -> str:
-        return f"{p[key]}/{p['qkv_layers'] if 'layers' in key else p['qkv_matrices']}"
-
-    frac = [st["qkv_layers_lower_finetune"] / max(1, st["qkv_layers"]),
-            la["qkv_layers_lower_finetune"] / max(1, la["qkv_layers"])]
-    head = ("**Does the paper's effect show?** The paper (Sec. 2.1, Fig. 1(b) vs (c)) reports a stronger hyperbolic "
-            "gradient-weight pattern when finetuning a pretrained model than when training the same architecture "
-            "from scratch; its Table 1 uses rho to compare ViT-Tiny with ViT-Large (both finetuned), not finetuning "
-            "with scratch, so this applies the Table 1 metric to the Fig. 1 question. ")
-    pk = {ph: s[ph]["per_kind"] for ph in ("start", "later")}
-    split = "; ".join(
-        f"{ph}: " + ", ".join(f"{k} {pk[ph][k]['lower_finetune']}/{pk[ph][k]['count']}"
-                              for k in ("query", "key", "value") if k in pk[ph])
-        for ph in ("start", "later"))
-    if min(frac) > 0.5:
-        body = (f"By the paper's metric it does: rho(finetune) < rho(scratch) in most layers both at the start "
-                f"({share(st, 'qkv_layers_lower_finetune')} fused qkv, {share(st, 'qkv_matrices_lower_finetune')} "
-                f"separate matrices) and later ({share(la, 'qkv_layers_lower_finetune')}, "
-                f"{share(la, 'qkv_matrices_lower_finetune')}).")
-    elif max(frac) > 0.5:
-        good, bad = ("start", "later") if frac[0] > 0.5 else ("later", "start")
-        body = (f"Only partly: rho(finetune) < rho(scratch) in most layers at the {good} "
-                f"({share(s[good], 'qkv_layers_lower_finetune')}) but not {bad} "
-                f"({share(s[bad], 'qkv_layers_lower_finetune')}).")
-    else:
-        body = (f"Here it does not: rho(finetune) < rho(scratch) in only {share(st, 'qkv_layers_lower_finetune')} "
-                f"layers at the start and {share(la, 'qkv_layers_lower_finetune')} later.")
-    strong = [k for k in ("query", "key", "value")
-              if all(k in pk[ph] and 2 * pk[ph][k]["lower_finetune"] > pk[ph][k]["count"] for ph in pk)]
-    body += f" Separately ({split}), " + (f"the effect holds in both phases for {' and '.join(strong)} only."
-                                          if strong else "no one of query/key/value shows it in both phases.")
-    parts = {"query": 0, "key": 0, "value": 0}
-    for t in result["tensors"]:
-        if t["kind"] == "qkv":
-            for part, c in t["rho"]["finetune"]["start"].get("top_in_part", {}).items():
-                parts[part] = parts.get(part, 0) + c
-    if sum(parts.values()):
-        main_part = max(parts, key=parts.get)
-        share_main = parts[main_part] / sum(parts.values())
-        if share_main > 0.5:
-            body += (f" In the fused qkv matrix of the pretrained model {100 * share_main:.0f} % of the top-gradient "
-                     f"entries (start) fall in the {main_part} block, so the fused rho mostly measures the {main_part} "
-                     "weights against a B taken over all three blocks.")
-    norm = (f" How much of this is the gradient? Part of a low rho comes from the weights alone: pretrained "
-            "matrices are heavy-tailed (a few large entries), so B, a maximum over 80 % of the entries, is large "
-            "whatever the gradient does, and the fused qkv matrix mixes three matrices of different scales. "
-            "Normalizing by the gradient-free reference median(|w|)/max(|w|), rho/ref(finetune) < rho/ref(scratch) "
-            f"in {share(st, 'qkv_layers_lower_finetune_norm')} fused layers and "
-            f"{share(st, 'qkv_matrices_lower_finetune_norm')} separate matrices at the start, "
-            f"{share(la, 'qkv_layers_lower_finetune_norm')} and {share(la, 'qkv_matrices_lower_finetune_norm')} "
-            "later; the per-kind table and the Spearman table show which tensors carry a genuine "
-            "large-gradient-on-small-weight association (rho/ref well below 1, negative Spearman) and which do not.")
-    cfg = result["config"]
-    name = "tiny random BERT" if cfg["tiny"] else cfg["model"]
-    tail = (f" Caveats: a {result['model']['num_layers']}-layer {name} on {cfg['task']} rather than ViT-Large on "
-            f"CIFAR-10 or BERT-base on CoLA; seed {cfg['seed']} only; "
-            f"the gradient of {result['config']['measure_batches']} minibatch(es) of "
-            f"{result['config']['batch_size']}; A is the median of only ~15 entries for a 384x384 matrix (top 0.01 %),"
-            f" so single values are noisy; 'later' is after {result['steps_done']} steps, far from the paper's 5 "
-            "epochs (BERT) or 300 epochs (ViT from scratch), so this does not test Fig. 1(d) (scratch training "
-            "drifting towards the hyperbolic pattern).")
-    return head + body + norm + tail
-
-
-def _choices(cfg: dict) -> list[str]:
-    return [
-        "Ranking: one stable ascending sort of |grad| (ties broken by flat index); top = ceil(top_fraction * n) "
-        "entries (at least 1), bottom = floor(bottom_fraction * n) entries; median of an even count = mean of the "
-        "two middle values; rho = inf if B = 0.",
-        ("Zero gradients: entries whose gradient is exactly 0 are excluded from n, from rho and from the plots "
-         "(log axes). This matters for the word / position / token-type embeddings, where only rows of tokens "
-         "and positions present in the batch get a gradient (e.g. ~300 of 30522 word rows); counting the "
-         "structurally zero rows as 'smallest gradients' would make B the max over the whole table. In the dense "
-         "matrices exact zeros essentially never occur. Weights that are exactly 0 stay in rho but not in the "
-         "log-log plots." if cfg["exclude_zero_grad"] else
-         "Zero gradients are kept (exclude_zero_grad=False); they are still left out of the log-log plots."),
-        "Reference: rho_ref = median(|w|) / max(|w|) over the same entries, i.e. rho with the gradient ranking "
-        "replaced by one that ignores |w| (then A ~ median |w| and the random 80 % almost surely contain the largest "
-        "weight); rho/ref separates the gradient's contribution from the shape of the weight distribution. Not in "
-        "the paper.",
-        "Tensors: weight matrices only (biases and LayerNorm excluded, as the paper excludes norms from "
-        "selection); query, key, value separately and concatenated per layer (`qkv`, the fused matrix of the "
-        "timm ViTs behind Table 1), attention output, intermediate (ffn_in) and output (ffn_out) dense layers, "
-        "word and position embeddings, classifier (new in both models; the paper's exception).",
-        "Scratch: `AutoModelForSequenceClassification.from_config` with the pretrained model's config (BERT init: "
-        "N(0, 0.02) weights), under the same `torch.manual_seed`; same optimizer, learning rate, batches and "
-        "number of steps as the finetuned model (the paper trains scratch ViTs with different settings, Table 6).",
-        f"Gradient: the loss gradient of {cfg['measure_batches']} minibatch(es) of {cfg['batch_size']} training "
-        f"sentences ({'dropout on, as in training' if cfg['train_mode'] else 'dropout off'}), before the "
-        "optimizer step; 'start' = the first batch at the initial weights, 'later' = a batch not yet trained on, "
-        "after the AdamW steps. The paper does not say how many batches or which step it plots.",
-        f"Optimizer: torch AdamW, lr {cfg['lr']:g}, weight decay {cfg['weight_decay']:g}, no schedule, no warmup; "
-        f"max length {cfg['max_length']}; SST-2 instead of CoLA (BERT) / CIFAR-10 (ViT).",
-        "Scatter plots: x = |w|, y = |grad| on log-log axes (the paper's Fig. 1 axes are not recoverable from the "
-        "text); uniform random sample of the non-zero-gradient entries plus every top-gradient entry.",
-    ]
 
 
 def _plot_labels(result: dict) -> list[str]:
@@ -682,11 +564,8 @@ def _figure_name(label: str) -> str:
     return f"scatter_{label.replace('.', '_')}.png"
 
 
-def plot_tensor(result: dict, label: str, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot_tensor(result: dict, label: str, path: str) -> Path:
+    plt = pyplot()
 
     sides, phases = ("finetune", "scratch"), ("start", "later")
     fig, axes = plt.subplots(2, 2, figsize=(10, 8.5), squeeze=False)
@@ -718,48 +597,37 @@ def plot_tensor(result: dict, label: str, path: str) -> None:
     fig.suptitle(f"{label}: |grad| vs |w| ({name}, {result['config']['task']}, seed {result['config']['seed']})",
                  fontsize=10)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    return save_figure(fig, path)
 
 
-def _finite(obj):
-    """nan / inf -> None, so that the JSON is strict."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
+def write_outputs(result: dict, out_dir: str) -> list[Path]:
+    """Writes ``correlation.json`` (without the scatter samples) and ``correlation_scatter.json``
+    (the samples, four significant digits), then renders from them."""
+    slim = {k: v for k, v in result.items() if k != "scatter"}
+    written = [write_result(out_dir, "correlation", slim)]
+    if result.get("scatter"):
+        written.append(write_result(out_dir, "correlation_scatter", _rounded(result["scatter"])))
+    return written + render(read_result(out_dir, "correlation"), out_dir)
+
+
+def _rounded(obj):
+    if isinstance(obj, float):
+        return float(f"{obj:.4g}")
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
+        return {k: _rounded(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_rounded(v) for v in obj]
     return obj
 
 
-def write_outputs(result: dict, out_dir: str) -> list[str]:
-    """Write ``correlation.json`` (without the scatter samples), ``correlation.md`` and one
-    ``scatter_<tensor>.png`` per plotted tensor into ``out_dir``."""
-    os.makedirs(out_dir, exist_ok=True)
-    written = []
-    for label in _plot_labels(result):
-        path = os.path.join(out_dir, _figure_name(label))
-        plot_tensor(result, label, path)
-        written.append(path)
-    path = os.path.join(out_dir, "correlation.json")
-    slim = {k: v for k, v in result.items() if k != "scatter"}
-    atomic_write_text(path, json.dumps(_finite(slim), indent=1, allow_nan=False) + "\n")
-    written.append(path)
-    path = os.path.join(out_dir, "correlation.md")
-    atomic_write_text(path, markdown(result))
-    written.append(path)
-    return written
-
-
-def main(config: CorrelationConfig | None = None, progress=print) -> dict:
-    """Run with ``config`` (default: ``CorrelationConfig()``) and write the outputs to ``config.out_dir``."""
+def main(config: CorrelationConfig | None = None, progress=print, command: str | None = None) -> list[Path]:
+    """Run with ``config`` (default: ``CorrelationConfig()``), write the result to ``config.out_dir``
+    and render from it."""
     config = config or CorrelationConfig()
     result = run(config, progress=progress)
-    write_outputs(result, config.out_dir)
-    return result
+    if command:
+        result["command"] = command
+    return write_outputs(result, config.out_dir)
 
 
 if __name__ == "__main__":
