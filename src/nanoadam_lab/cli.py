@@ -363,7 +363,7 @@ def _reproduce_correlation(args) -> int:
 
 def _reproduce_ablation(args) -> int:
     tqdm = _require("tqdm.auto", "cli").tqdm
-    from .experiments.ablation import AblationConfig, markdown, plot, run
+    from .experiments.ablation import AblationConfig, main
 
     _check_glue_inputs(args, [args.task])
     config = AblationConfig(task=args.task, model=args.model, data_dir=args.data_dir, out=str(args.out),
@@ -376,11 +376,8 @@ def _reproduce_ablation(args) -> int:
             bar.total = total
             bar.set_postfix_str(path.name)
             bar.update(1)
-        result = run(config, progress=progress)
-    plot(result, args.out)
-    text = markdown(result, _command_line(), _machine())
-    atomic_write_text(args.out / "ablation.md", text + "\n")
-    print(text)
+        result = main(config, command=_command_line(), progress=progress)
+    print((args.out / "ablation.md").read_text())
     return 1 if result["failures"] else 0
 
 

@@ -20,7 +20,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .compare import RunLedger, _write_atomic, best_lr
+from ..experiment import (
+    machine_info,
+    markdown_table,
+    pyplot,
+    read_result,
+    save_figure,
+    settings_table,
+    write_markdown,
+    write_result,
+)
+from .compare import RunLedger, best_lr
 from .glue import GlueRunConfig
 
 
@@ -103,79 +113,65 @@ def run(config: AblationConfig, execute=None, progress=None) -> dict:
                 "diverged": any(r["metrics"].get("diverged") for r in runs),
                 "run_files": [f"runs/{name}-lr{lr:g}-seed{s}.json" for s in range(seeds)],
             }
-    result = {"config": asdict(config), "tuning": {"small_weights": tuning_small, "large_gradients": tuning_grad},
-              "lr_small_weights": lr_small, "lr_large_gradients": lr_grad, "variants": variants,
-              "failures": ledger.failures}
-    result["verdicts"] = verdicts(variants)
-    _write_atomic(out / "ablation.json", result)
-    return result
+    return {"config": asdict(config), "tuning": {"small_weights": tuning_small, "large_gradients": tuning_grad},
+            "lr_small_weights": lr_small, "lr_large_gradients": lr_grad, "variants": variants,
+            "failures": ledger.failures}
 
 
-def verdicts(v: dict) -> dict[str, bool | None]:
-    def mean(name):
-        return v[name]["mean"] if name in v else None
-
-    def above(a, b):
-        return None if mean(a) is None or mean(b) is None else mean(a) > mean(b)
-
-    return {"small_beats_random": above("small_weights", "random_weights"),
-            "random_beats_large": above("random_weights", "large_weights"),
-            "small_beats_large_gradients": above("small_weights", "large_gradients"),
-            "dynamic_at_least_static": None if mean("small_weights") is None or mean("static_mask") is None
-            else mean("small_weights") >= mean("static_mask")}
-
-
-def markdown(result: dict, command: str, machine: dict) -> str:
+def render(result: dict, out_dir: str) -> list[Path]:
+    """``ablation.md`` (a table per study, the tuning, the settings) and ``ablation_curves.png``,
+    from the result and its run files on disk."""
     c, v = result["config"], result["variants"]
 
     def row(name, label):
         if name not in v:
-            return f"| {label} | - | - | - | - | - |"
+            return [label, "-", "-", "-", "-", "-"]
         x = v[name]
         flag = " (diverged)" if x["diverged"] else ""
-        return (f"| {label} | {x['lr']:g} | {100 * x['mean']:.2f} ± {100 * x['std']:.2f}{flag} | "
-                f"{x['final_loss']:.3f} | {100 * x['untouched_fraction']:.1f} % | {x['l2_shift']:.3f} |")
+        return [label, f"{x['lr']:g}", f"{100 * x['mean']:.2f} ± {100 * x['std']:.2f}{flag} (n={len(x['scores'])})",
+                f"{x['final_loss']:.3f}", f"{100 * x['untouched_fraction']:.1f} %", f"{x['l2_shift']:.3f}"]
 
-    head = ["| variant | lr | validation accuracy (%) | final training loss | untouched | L2 shift |",
-            "|---|---|---|---|---|---|"]
-    lines = [f"# Ablation on {c['task'].upper()} (paper Fig. 4a, 4b, Table 14, Table 11)", "",
-             f"Command: `{command}`", "",
-             f"Machine: {machine.get('processor')}, {machine.get('threads')} threads, torch {machine.get('torch')}; "
-             f"date: {machine.get('date')}.", "",
-             f"MiniLM-L6, NanoAdam density {c['density']}, dynamic mask every {c['mask_interval']} steps unless "
-             f"stated; {c['run_settings']['train_limit']} training examples, {c['run_settings']['epochs']} epoch, "
-             f"batch {c['run_settings']['batch_size']}, max length {c['run_settings']['max_length']}; mean ± std "
-             f"over {c['seeds']} seeds (interval study: 1 seed). Learning rates tuned on a held-out 20 % of the "
-             f"training subset: small weights {result['tuning']['small_weights']} -> {result['lr_small_weights']:g}; "
-             f"large gradients {result['tuning']['large_gradients']} -> {result['lr_large_gradients']:g}.", "",
-             "## Small vs random vs large weights (Fig. 4a), same learning rate", "", *head,
-             row("small_weights", "small weights"), row("random_weights", "random weights"),
-             row("large_weights", "large weights"), "",
-             "## Small weights vs large gradients (Fig. 4b), each at its tuned learning rate", "", *head,
-             row("small_weights", "small weights"), row("large_gradients", "large gradients"),
-             row("large_gradients_at_small_weights_lr", "large gradients at small weights' rate"), "",
-             "## Dynamic vs static mask (Table 14)", "", *head,
-             row("small_weights", f"dynamic (every {c['mask_interval']} steps)"), row("static_mask", "static"), "",
-             "## Mask interval (Table 11), one seed", "", *head,
-             *[row(f"interval_{m}", f"every {m} steps") for m in c["intervals"]],
-             row("small_weights", f"every {c['mask_interval']} steps (the main runs above, all seeds)"), "",
-             "## Verdicts", ""]
-    names = {"small_beats_random": "small > random weights", "random_beats_large": "random > large weights",
-             "small_beats_large_gradients": "small weights > large gradients (each tuned)",
-             "dynamic_at_least_static": "dynamic >= static mask"}
-    for key, label in names.items():
-        value = result["verdicts"][key]
-        lines.append(f"- {label}: {'yes' if value else 'no' if value is not None else 'not run'}")
-    lines += ["", "Differences smaller than the seed-to-seed spread are not evidence either way.", "",
-              "![curves](ablation_curves.png)"]
-    return "\n".join(lines)
+    head = ["variant", "lr", "validation accuracy (%)", "final training loss", "untouched", "L2 shift"]
+    studies = [
+        ("Small vs random vs large weights (Fig. 4a), same learning rate",
+         [row("small_weights", "small weights"), row("random_weights", "random weights"),
+          row("large_weights", "large weights")]),
+        ("Small weights vs large gradients (Fig. 4b), each at its tuned learning rate",
+         [row("small_weights", "small weights"), row("large_gradients", "large gradients"),
+          row("large_gradients_at_small_weights_lr", "large gradients at small weights' rate")]),
+        ("Dynamic vs static mask (Table 14)",
+         [row("small_weights", f"dynamic (every {c['mask_interval']} steps)"), row("static_mask", "static")]),
+        ("Mask interval (Table 11)",
+         [*(row(f"interval_{m}", f"every {m} steps") for m in c["intervals"]),
+          row("small_weights", f"every {c['mask_interval']} steps (the main runs)")]),
+    ]
+    sections = []
+    for title, rows in studies:
+        sections += [f"## {title}", "", markdown_table(head, rows), ""]
+    tuning = markdown_table(["selection", "held-out score per rate", "chosen"], [
+        ["small weights", _rates(result["tuning"]["small_weights"]), f"{result['lr_small_weights']:g}"],
+        ["large gradients", _rates(result["tuning"]["large_gradients"]), f"{result['lr_large_gradients']:g}"]])
+    sections += ["## Tuning (held-out score per rate)", "", tuning, ""]
+    figure = plot(result, Path(out_dir))
+    sections += [f"![curves]({figure.name})", "", "## Settings", "", settings_table(c)]
+    title = f"Ablation on {c['task'].upper()} (paper Fig. 4a, 4b, Table 14, Table 11)"
+    return [figure, write_markdown(out_dir, "ablation", title, result, sections)]
+
+
+def _rates(tuning: dict) -> str:
+    return ", ".join(f"{float(lr):g}: {100 * score:.2f}" for lr, score in tuning.items())
+
+
+def main(config: AblationConfig, command: str | None = None, execute=None, progress=None) -> dict:
+    """Runs (or resumes) the ablation, writes ``ablation.json`` to ``config.out`` and renders from it."""
+    result = {"command": command, "machine": machine_info(), **run(config, execute, progress)}
+    write_result(config.out, "ablation", result)
+    render(read_result(config.out, "ablation"), config.out)
+    return result
 
 
 def plot(result: dict, out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     panels = [("Fig. 4a: which weights", ["small_weights", "random_weights", "large_weights"]),
               ("Fig. 4b: small weights vs large gradients", ["small_weights", "large_gradients",
@@ -199,7 +195,4 @@ def plot(result: dict, out: Path) -> Path:
         axes[0, col].legend(fontsize=8)
         axes[1, col].legend(fontsize=8)
     fig.tight_layout()
-    path = out / "ablation_curves.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, out / "ablation_curves.png")
