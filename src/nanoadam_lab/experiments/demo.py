@@ -4,7 +4,8 @@ The vision comparison of :mod:`nanoadam_lab.experiments.forgetting` restricted t
 a small CNN pretrained on digits 0-4 of scikit-learn's 8x8 digits, finetuned on digits 5-9 (task 1)
 and then on the same digits rotated by 90 degrees (task 2, new head); task 1 is scored again with
 its own head reloaded. Learning rates are tuned on held-out training data. Prints the table and
-writes ``forgetting.json``, ``forgetting.md`` and ``forgetting_vision.png`` into ``out_dir``.
+NanoAdam's paired differences with their intervals, and writes ``forgetting.json``, then renders
+``forgetting.md`` and ``forgetting_vision.png`` from it into ``out_dir``.
 
 Run: ``nanoadam demo`` (or ``python -m nanoadam_lab.experiments.demo [out_dir]``; default ``results/demo``).
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from .forgetting import ForgettingConfig, VisionConfig, domain_table, run, verdict_text, write_outputs
+from .forgetting import ForgettingConfig, VisionConfig, comparison_table, domain_table, run, write_outputs
 
 DEMO_OPTIMIZERS = ("adamw", "nanoadam")
 
@@ -33,8 +34,9 @@ def run_demo(out_dir: str, seed: int = 0, progress: bool = True, command: str | 
     print(f"\nContinual finetuning, digits CNN ({domain['data']['tasks'][0]} -> {domain['data']['tasks'][1]}), "
           f"accuracy x 100, {len(domain['seeds'])} seeds, {result['elapsed_s']:.0f} s:\n")
     print(domain_table(domain))
-    print("\nNanoAdam forgets less than AdamW with a task-2 score within 2 points? " + verdict_text(domain))
-    print("\nwrote " + ", ".join(written))
+    print("\nNanoAdam minus AdamW, paired by seed (a verdict only where the 95 % interval excludes 0):\n")
+    print(comparison_table(domain))
+    print("\nwrote " + ", ".join(str(p) for p in written))
     return result
 
 

@@ -40,22 +40,33 @@ vision results with ``main(committed_config())`` and add the language part with 
 from __future__ import annotations
 
 import copy
-import datetime
 import json
 import math
 import os
-import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .._io import atomic_write_text
 from ..analysis.shift import backbone_snapshot, shift_report
+from ..analysis.stats import paired_interval
+from ..analysis.stats import verdict as stats_verdict
 from ..baselines import available_optimizers, build_optimizer
+from ..experiment import (
+    jsonable,
+    machine_info,
+    markdown_table,
+    pyplot,
+    read_result,
+    save_figure,
+    settings_table,
+    write_markdown,
+    write_result,
+)
 from .compare import LR_GRIDS as COMPARE_LR_GRIDS
 from .compare import budget_settings
 
@@ -654,44 +665,26 @@ def run_domain(domain, progress: Progress) -> dict:
             per_rule[rule][optimizer] = _entry(tunings[rule], finished[pair])
     primary = per_rule[rules[0]]
     variants = {rule: {"optimizers": per_rule[rule], "verdict": verdict(per_rule[rule])} for rule in rules[1:]}
-    return {"config": _jsonable(asdict(cfg)), "seeds": seeds, "data": domain.describe(),
+    return {"config": jsonable(asdict(cfg)), "seeds": seeds, "data": domain.describe(),
             "metric": domain.metric, "tie_break": rules[0], "optimizers": primary, "verdict": verdict(primary),
             "variants": variants, "elapsed_s": time.perf_counter() - started}
 
 
 def verdict(per_optimizer: dict) -> dict:
-    """Does NanoAdam forget less than AdamW and MicroAdam while its task-2 score is within 2 points of
-    AdamW's? (means over seeds; ``None`` where an optimizer was not run)."""
-    def mean(opt, key):
-        return per_optimizer[opt]["mean"][key] if opt in per_optimizer else None
-
-    nano = "nanoadam"
+    """NanoAdam against AdamW and MicroAdam: per-seed paired differences (NanoAdam minus the other)
+    of forgetting and of the task-2 score, each with its 95 % interval and the verdict it supports."""
+    nano = per_optimizer.get("nanoadam")
     out: dict[str, Any] = {}
-    if nano not in per_optimizer:
+    if nano is None:
         return out
     for other in ("adamw", "microadam"):
         if other in per_optimizer:
-            out[f"forgets_less_than_{other}"] = mean(nano, "forgetting") < mean(other, "forgetting")
-    if "adamw" in per_optimizer:
-        out["task2_gap_to_adamw_points"] = 100 * (mean(nano, "task2") - mean("adamw", "task2"))
-        out["task2_within_2_points_of_adamw"] = out["task2_gap_to_adamw_points"] >= -2.0
-    keys = [k for k in ("forgets_less_than_adamw", "forgets_less_than_microadam", "task2_within_2_points_of_adamw")
-            if k in out]
-    out["claim_holds"] = all(out[k] for k in keys) if keys else None
-    out["checked"] = keys
+            theirs = per_optimizer[other]["runs"]
+            for key in ("forgetting", "task2"):
+                interval = paired_interval([a[key] - b[key] for a, b in zip(nano["runs"], theirs)])
+                out[f"{key}_vs_{other}"] = {**interval, "verdict": stats_verdict(interval) if interval["n"] >= 2
+                                            else "too few seeds"}
     return out
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, torch.dtype):
-        return str(x).removeprefix("torch.")
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
 
 
 def run(config: ForgettingConfig, progress=None) -> dict:
@@ -704,7 +697,7 @@ def run(config: ForgettingConfig, progress=None) -> dict:
     units = sum(cfg.n_seeds + 2 * len(cfg.lr_grids[o]) for _, cfg in domains for o in cfg.optimizers)
     progress = Progress(progress, units)
     started = time.perf_counter()
-    result: dict[str, Any] = {"command": config.command or python_call(config), "environment": _environment(),
+    result: dict[str, Any] = {"command": config.command or python_call(config), "environment": machine_info(),
                               "domains": {}}
     try:
         for name, cfg in domains:
@@ -718,14 +711,7 @@ def run(config: ForgettingConfig, progress=None) -> dict:
     finally:
         progress.close()
     result["elapsed_s"] = time.perf_counter() - started
-    return _jsonable(result)
-
-
-def _environment() -> dict:
-    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-            "cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__}
+    return jsonable(result)
 
 
 def merge_results(base: dict, new: dict) -> dict:
@@ -741,26 +727,6 @@ def merge_results(base: dict, new: dict) -> dict:
 
 # ----------------------------------------------------------------------------------------------------------------
 # outputs
-
-
-LANGUAGE_CALL = ("from nanoadam_lab.experiments.forgetting import ForgettingConfig, LanguageConfig, main\n"
-                 "main(ForgettingConfig(vision=None, language=LanguageConfig()), out_dir='docs/results/forgetting', "
-                 "merge=True)")
-
-
-LANGUAGE_PLAN = [
-    "Planned protocol (`LanguageConfig()`): MiniLM-L6 (all-MiniLM-L6-v2, offline), task 1 SST-2, task 2 CoLA, both "
-    "single-sentence binary tasks with a new `classifier` head each, so only the learned function changes "
-    "(sentiment, then grammatical acceptability); task 1 is scored by accuracy, which measures the drop after task 2 "
-    "more stably than CoLA's Matthews correlation would. Budget and rates of the GLUE comparison (`compare.py`, quick "
-    "budget): a fixed subset of 1000 training examples per task (the same as the GLUE comparison's), 1 epoch (63 "
-    "steps), max length 64, batch 16, constant rate; held-out tuning on 20 % of the subset with the comparison's "
-    "grids (three rates per optimizer), stage-wise as for vision, ties to the smaller rate; NanoAdam density 0.1, "
-    "mask every 10 steps; scores on the full GLUE validation sets; 1 seed, 2 threads. Estimated time: about 25-30 "
-    "minutes on 2 cores (426 training steps per optimizer at ~0.3 s forward/backward, plus optimizer steps measured "
-    "on MiniLM with one thread: AdamW 0.03 s, NanoAdam 0.02 s, GaLore 0.15 s, and the CPU ports of AdamW-8bit and "
-    "MicroAdam ~0.7 s each). Run it (it adds the language section to this report and keeps the vision results):",
-]
 
 
 def _pct(x: float) -> str:
@@ -802,214 +768,44 @@ def tuning_table(domain: dict, optimizers: dict | None = None) -> str:
     return "\n".join(lines)
 
 
-def verdict_text(domain: dict, variant: str | None = None) -> str:
-    """The answer for the reported results of ``domain`` or for its sensitivity ``variant``."""
-    if variant is None:
-        opts, v = domain["optimizers"], domain["verdict"]
-    else:
-        opts, v = domain["variants"][variant]["optimizers"], domain["variants"][variant]["verdict"]
-    if not v or not v.get("checked"):
-        return "Not assessed (needs NanoAdam and at least one of AdamW, MicroAdam)."
-    nano = opts["nanoadam"]["mean"]
-    parts = []
-    for other in ("adamw", "microadam"):
-        if other in opts:
-            o = opts[other]["mean"]
-            parts.append(f"NanoAdam forgets {_pct(nano['forgetting'])} points against {_pct(o['forgetting'])} for "
-                         f"{other} ({'less' if v[f'forgets_less_than_{other}'] else 'not less'})")
-    if "task2_gap_to_adamw_points" in v:
-        parts.append(f"its task-2 score is {_pct(nano['task2'])} against AdamW's {_pct(opts['adamw']['mean']['task2'])}"
-                     f" ({v['task2_gap_to_adamw_points']:+.2f} points: "
-                     f"{'within' if v['task2_within_2_points_of_adamw'] else 'not within'} 2 points)")
-    n = len(domain["seeds"])
-    per_seed = ""
-    if "adamw" in opts and n > 1:
-        wins = sum(a["forgetting"] < b["forgetting"] for a, b in zip(opts["nanoadam"]["runs"], opts["adamw"]["runs"]))
-        per_seed = f" Per seed, NanoAdam forgets less than AdamW on {wins}/{n} seeds."
-    head = "**Yes.**" if v["claim_holds"] else "**No.**"
-    return f"{head} Means over {n} seed{'s' if n > 1 else ''}: " + "; ".join(parts) + "." + per_seed
+def comparison_table(domain: dict, optimizers: dict | None = None) -> str:
+    """NanoAdam minus AdamW / MicroAdam, per seed: forgetting and task-2 score (points), 95 % intervals."""
+    v = verdict(optimizers if optimizers is not None else domain["optimizers"])
+    rows = [[key.replace("_vs_", " vs. "), f"{100 * d['mean']:+.2f}",
+             f"[{100 * d['lo']:+.2f}, {100 * d['hi']:+.2f}]" if d["n"] >= 2 else "-", d["n"], d["verdict"]]
+            for key, d in v.items()]
+    return markdown_table(["NanoAdam minus", "mean (points)", "95 % CI", "seeds", "verdict"], rows)
 
 
-RULE_TEXT = {"smaller": "ties to the smaller rate", "loss": "ties to the lower held-out loss"}
-
-
-def answer_text(domain: dict) -> str:
-    """The reported answer, qualified by the sensitivity variants."""
-    text = verdict_text(domain)
-    base = domain["verdict"].get("claim_holds")
-    if base is None:
-        return text
-    others = {rule: var["verdict"].get("claim_holds") for rule, var in domain["variants"].items()}
-    flipped = [rule for rule, holds in others.items() if holds is not None and holds != base]
-    if flipped:
-        text += (" **Not robust:** with " + " / ".join(RULE_TEXT[r] for r in flipped) + " the answer is "
-                 + ("yes" if not base else "no") + " (see the sensitivity table below); the rates the tuning picks "
-                 "decide the comparison, because forgetting grows steeply with the learning rate.")
-    elif others:
-        text += " The same answer holds with " + " / ".join(RULE_TEXT[r] for r in others) + " (below)."
-    return text + _heldout_range_text(domain)
-
-
-def _heldout_range_text(domain: dict) -> str:
-    """How much of held-out task 1 each optimizer keeps over its task-2 grid (stage 1 at the chosen rate)."""
-    parts = []
-    for opt in ("adamw", "microadam", "nanoadam"):
-        if opt in domain["optimizers"]:
-            tun = domain["optimizers"][opt]["tuning"]
-            kept = {k: v for k, v in tun["task1_after_heldout"].items() if v is not None}
-            if kept:
-                lo, hi = min(kept, key=kept.get), max(kept, key=kept.get)
-                parts.append(f"{opt} {_pct(kept[lo])} % (lr {lo}) to {_pct(kept[hi])} % (lr {hi})")
-    if not parts:
-        return ""
-    return (" Held-out view of the same trade-off (seed " f"{domain['seeds'][0]}, tuning data): over its task-2 "
-            "grid, the held-out task-1 score after task 2 ranges " + "; ".join(parts) + ".")
-
-
-def _choices_vision(domain: dict) -> list[str]:
-    cfg, data = domain["config"], domain["data"]
-    s = data["sizes"]
-    ov = {o: v for o, v in cfg["optimizer_overrides"].items() if o in cfg["optimizers"]}
-    steps = next(iter(domain["optimizers"].values()))["steps"]
-    interval = ov.get("nanoadam", {}).get("mask_interval")
-    n_masks = math.ceil(steps[0] / interval) if interval else 0
-    masks = f" ({n_masks} mask{'s' if n_masks != 1 else ''} per task)" if interval else ""
-    return [
-        f"data: scikit-learn `load_digits` (8x8 images, values / 16); pretraining on digits "
-        f"{cfg['pretrain_digits']} ({s['pretrain']} images, all of them; train accuracy "
-        f"{_pct(data['pretrain']['train_accuracy'])} %); tasks on digits {cfg['task_digits']}",
-        f"task 1: classify digits {cfg['task_digits'][0]}-{cfg['task_digits'][-1]} (5 classes, label = position in "
-        f"{cfg['task_digits']}); task 2: the same images transformed by `{cfg['task2_transform']}` "
-        f"(rot90 = rotated 90 degrees counter-clockwise), label = (task-1 label + {cfg['task2_label_shift']}) mod 5. "
-        "A 90-degree rotation keeps the strokes but moves every spatial pattern, so task 2 needs new features and "
-        "full finetuning overwrites task-1 ones; the label map only makes sure the task-1 head cannot serve task 2 "
-        "(each task has its own new head anyway)",
-        f"splits (split seed {cfg['split_seed']}, stratified per digit, the same images for both tasks): test "
-        f"{s['test']} images ({cfg['test_fraction']:g} of each digit), training {s['train']}; for tuning, "
-        f"{s['heldout']} training images ({cfg['heldout_fraction']:g}) are held out and the rest ({s['fit']}) trained "
-        "on; the test images are never used for any choice of a run",
-        f"model: 3 x (conv 3x3 no bias + BatchNorm + ReLU), channels {cfg['channels']}, max-pool after blocks 2 and 3, "
-        f"flatten -> Linear `neck` ({cfg['hidden']}) + ReLU -> `fc` head; {data['backbone_parameters']} backbone "
-        "parameters. NanoAdam keeps `fc` and BatchNorm dense (param_groups), GaLore projects the `neck` Linear "
-        "(the only body Linear layer; conv weights get plain Adam), the others treat every tensor alike. Neck units "
-        "that are dead after pretraining (ReLU never active) get zero gradients, which is why even AdamW leaves a "
-        "few per cent of the backbone untouched (every conv weight moves)",
-        f"pretraining: AdamW lr {cfg['pretrain_lr']:g}, batch {cfg['pretrain_batch_size']}, "
-        f"{cfg['pretrain_epochs']} epochs, seed {cfg['seed']}, all parameters; its 5-class head is discarded. The "
-        "same pretrained network starts every run",
-        f"finetuning: {cfg['epochs']:g} epoch(s) per task ({steps[0]} steps), batch {cfg['batch_size']}, constant "
-        "learning rate (no scheduler), weight decay 0, betas (0.9, 0.999), no augmentation, no label smoothing (the "
-        "paper's ResNet setting, Table 20); a fresh optimizer per task; every parameter trainable; BatchNorm running "
-        "statistics are part of the network, so task 2 moves them for every optimizer (as with the paper's ResNets); "
-        "each new head is an `nn.Linear` with PyTorch's default initialization, drawn from a seed that depends on "
-        "the run seed only",
-        "optimizer settings beyond the registry defaults: "
-        + ("; ".join(f"{o}: {', '.join(f'{k} {v}' for k, v in ov[o].items())}" for o in ov) or "none")
-        + f". Density 1 % as the paper's ResNet-18/101 runs (Tables 21-22), dynamic density off; NanoAdam's mask is "
-        f"refreshed every {interval} steps{masks}: the paper's interval of 100 is a small fraction of its ~12k "
-        "steps per task; the static ablation chooses its mask at the first step of each task. These settings were "
-        "fixed before any run",
-        "learning rates: a grid per optimizer, values a factor ~3 apart (NanoAdam's ten times AdamW's, as in the "
-        "paper's vision tables; the dense optimizers' grids were extended to 1e-2 after their held-out optimum under "
-        "the loss rule sat at the top of 3e-4..3e-3), chosen per task on the held-out slice by accuracy "
-        f"(tuning runs use seed {cfg['seed']}); the held-out slice is small and easy, so the dense optimizers reach "
-        "100 % at most rates and the tie rule decides: reported = "
-        f"{RULE_TEXT[cfg['tie_breaks'][0]]} (the rule of the GLUE comparison: among rates that fit the new task "
-        "equally well, the gentlest), sensitivity variant(s) = "
-        + (", ".join(RULE_TEXT[r] for r in cfg["tie_breaks"][1:]) or "none")
-        + f"; then {cfg['n_seeds']} seeds ({cfg['seed']}..{cfg['seed'] + cfg['n_seeds'] - 1}) on the whole training "
-        "data; a seed fixes the data order and the new heads (the same for every optimizer)",
-        "chosen in a preliminary look (one run per setting, seed 0, scored on the test images, 20 epochs per task): "
-        "the task-2 transform (rot90 among rot90, invert and flip) and the pretraining rate (1e-3 rather than 3e-3, "
-        "which left a third of the neck units dead) so that full finetuning clearly forgets (AdamW: 14-21 points for "
-        "rot90 after pretraining at 1e-3, 5-18 for the other variants). NanoAdam (lr 1e-2, run for rot90 and invert "
-        "at both pretraining rates) forgot more than AdamW (lr 1e-3) in each of them, so these choices do not favour "
-        "it. The epochs were then cut from 20 to 15 for time",
-        f"{cfg['threads']} CPU thread(s), float32",
-    ]
-
-
-def _choices_language(domain: dict) -> list[str]:
-    cfg, data = domain["config"], domain["data"]
-    s = data["sizes"]
-    t1, t2 = cfg["task1"], cfg["task2"]
-    return [
-        f"model: {cfg['model']} (all-MiniLM-L6-v2, offline), BertForSequenceClassification; its pretrained weights "
-        "are the reference of the shift; the head `classifier` is new per task (normal(0, initializer_range), "
-        "bias 0)",
-        f"task 1 {t1.upper()}, task 2 {t2.upper()}: "
-        + LANGUAGE_PAIR_REASONS.get((t1, t2), "the pair given on the command line (--task1, --task2)"),
-        f"budget: the GLUE comparison's quick budget: a fixed random subset of {cfg['train_limit']} training "
-        f"examples per task, {cfg['epochs']:g} epoch(s), max length {cfg['max_length']}, batch {cfg['batch_size']}; "
-        f"scores on the GLUE validation sets ({s[f'{t1}_final_eval']} and {s[f'{t2}_final_eval']} examples)",
-        f"tuning: {cfg['heldout_fraction']:g} of the training subset held out ({s[f'{t1}_tune_eval']} / "
-        f"{s[f'{t2}_tune_eval']} examples), stage-wise as for vision, {RULE_TEXT[cfg['tie_breaks'][0]]}; grids "
-        + "; ".join(f"{o} {', '.join(f'{v:g}' for v in cfg['lr_grids'][o])}" for o in cfg["optimizers"])
-        + f"; optimizer settings beyond the registry defaults {cfg['optimizer_overrides']}",
-        f"{cfg['n_seeds']} seed(s) from {cfg['seed']}, {cfg['threads']} CPU threads",
-    ]
-
-
-PROTOCOL = (
-    "Protocol: from the pretrained network, finetune on task 1 with a new head and score task 1; replace the head by a "
-    "new one and finetune the same network on task 2 (fresh optimizer) and score task 2; put the task-1 head back (the "
-    "copy kept after task 1) and score task 1 again. Forgetting = task-1 score after task 1 minus after task 2 "
-    "(points). Avg. = mean of the three scores. L2 shift = `||theta - theta_pre||_2` of the backbone (every parameter "
-    "except the head) after both tasks; untouched = the share of backbone weights bitwise equal to the pretrained "
-    "ones. Learning rates are tuned per optimizer and per task on held-out slices of the training data (each task by "
-    "its own score, never by forgetting); mean ± sample std over seeds.")
-
-
-def markdown(result: dict) -> str:
-    env = result["environment"]
-    lines = ["# Catastrophic forgetting in continual finetuning (paper Sec. 4, Tables 4 and 5)", "", PROTOCOL, "",
-             f"Run: `{result['command']}` on {env['machine']} ({env['cpu_count']} CPUs, {env['platform']}), python "
-             f"{env['python']}, torch {env['torch']}, {env['date']}, {result['elapsed_s']:.0f} s."]
-    for extra in result.get("runs", [])[1:]:
-        lines += ["", f"Then: `{extra['command']}` ({', '.join(extra['domains'])}) on {extra['environment']['machine']}"
-                  f", {extra['environment']['date']}."]
-    lines.append("")
+def render(result: dict, out_dir: str) -> list[Path]:
+    """``forgetting.md`` (per domain: the Table 4 numbers, NanoAdam's paired differences with
+    intervals, the tuning, each sensitivity variant, the settings) and ``forgetting_<domain>.png``."""
     titles = {"vision": "Vision: small CNN on scikit-learn digits", "language": "Language: MiniLM-L6 on GLUE"}
-    for name in ("vision", "language"):
-        lines += [f"## {titles[name]}", ""]
-        domain = result["domains"].get(name)
-        if domain is None:
-            lines += (["Not run yet."] + LANGUAGE_PLAN + ["", f"```python\n{LANGUAGE_CALL}\n```", ""]
-                      if name == "language" else ["Not run.", ""])
-            continue
-        metric = domain["metric"]
-        lines += [f"Scores x 100 ({metric}), {len(domain['seeds'])} seed(s) {domain['seeds']}, learning rates "
-                  f"tuned on held-out data with {RULE_TEXT[domain['tie_break']]}, {domain['elapsed_s']:.0f} s in all.",
-                  "", domain_table(domain), "",
-                  "**Does NanoAdam forget less than AdamW and MicroAdam while reaching a task-2 score within 2 points "
-                  "of AdamW's?** " + answer_text(domain), "",
-                  f"![{name}](forgetting_{name}.png)", "",
-                  f"Learning-rate tuning (held-out scores x 100, seed {domain['seeds'][0]}; bold = chosen, "
-                  f"{RULE_TEXT[domain['tie_break']]}; the last column, the held-out task-1 score after task 2 for "
-                  "each task-2 rate, shows how forgetting grows with the rate but is not used):", "",
-                  tuning_table(domain), ""]
+    sections, written = [], []
+    for extra in result.get("runs", [])[1:]:
+        sections += [f"Then: `{extra['command']}` ({', '.join(extra['domains'])}), "
+                     f"{extra['environment'].get('date', '')}.", ""]
+    for name, domain in result["domains"].items():
+        written.append(plot_domain(domain, os.path.join(out_dir, f"forgetting_{name}.png"),
+                                   {"vision": "digits CNN", "language": "MiniLM"}.get(name, name)))
+        sections += [f"## {titles.get(name, name)}", "",
+                     f"Scores x 100 ({domain['metric']}), seeds {domain['seeds']}, ties: {domain['tie_break']}.", "",
+                     domain_table(domain), "", comparison_table(domain), "", f"![{name}](forgetting_{name}.png)", "",
+                     f"Tuning (held-out scores x 100, seed {domain['seeds'][0]}; bold = chosen):", "",
+                     tuning_table(domain), ""]
         for rule, var in domain["variants"].items():
-            lines += [f"### Sensitivity: {RULE_TEXT[rule]}", "",
-                      f"The same protocol with held-out ties broken by {RULE_TEXT[rule].removeprefix('ties to ')} "
-                      "(rerun with the same seeds where the rates differ):", "",
-                      domain_table(domain, var["optimizers"]), "", "Answer under this rule: "
-                      + verdict_text(domain, rule), "", tuning_table(domain, var["optimizers"]), ""]
-        lines += ["Choices:", ""]
-        choices = _choices_vision if name == "vision" else _choices_language
-        lines += [f"- {c}" for c in choices(domain)]
-        lines.append("")
-    return "\n".join(lines)
+            sections += [f"### Ties broken by {rule}", "", domain_table(domain, var["optimizers"]), "",
+                         comparison_table(domain, var["optimizers"]), "", tuning_table(domain, var["optimizers"]), ""]
+        sections += ["### Settings", "", settings_table(domain["config"]), ""]
+    title = "Catastrophic forgetting in continual finetuning (paper Sec. 4, Tables 4 and 5)"
+    return [*written, write_markdown(out_dir, "forgetting", title, result, sections)]
 
 
-def plot_domain(domain: dict, path: str, title: str) -> None:
+def plot_domain(domain: dict, path: str, title: str) -> Path:
     """Three panels: task-1 score before/after task 2 and the task-2 score per optimizer (test data, mean and
     std over seeds); the backbone's L2 shift and untouched share; the held-out task-1 score after task 2 against the
     task-2 rate (tuning data)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     opts = list(domain["optimizers"])
     t1, t2 = domain["data"]["tasks"]
     fig, (ax, ax_shift, ax_trade) = plt.subplots(1, 3, figsize=(16, 4.6), gridspec_kw={"width_ratios": [2.1, 1, 1.3]})
@@ -1053,28 +849,12 @@ def plot_domain(domain: dict, path: str, title: str) -> None:
                        f"{domain['seeds'][0]}; circled: chosen)", fontsize=9)
     ax_trade.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path + ".tmp"
-    fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    return save_figure(fig, path)
 
 
-def write_outputs(result: dict, out_dir: str) -> list[str]:
-    """Writes ``forgetting.json``, ``forgetting.md`` and ``forgetting_<domain>.png`` per domain run (atomically)."""
-    os.makedirs(out_dir, exist_ok=True)
-    written = []
-    titles = {"vision": "digits CNN", "language": "MiniLM"}
-    for name, domain in result["domains"].items():
-        path = os.path.join(out_dir, f"forgetting_{name}.png")
-        plot_domain(domain, path, titles.get(name, name))
-        written.append(path)
-    path = os.path.join(out_dir, "forgetting.json")
-    atomic_write_text(path, json.dumps(result, indent=1) + "\n")
-    written.append(path)
-    path = os.path.join(out_dir, "forgetting.md")
-    atomic_write_text(path, markdown(result))
-    written.append(path)
-    return written
+def write_outputs(result: dict, out_dir: str) -> list[Path]:
+    """Writes ``forgetting.json``, then renders ``forgetting.md`` and the figures from it."""
+    return [write_result(out_dir, "forgetting", result), *render(read_result(out_dir, "forgetting"), out_dir)]
 
 
 def python_call(config: ForgettingConfig, out_dir: str | None = None, merge: bool = False) -> str:
