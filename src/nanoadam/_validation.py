@@ -69,3 +69,23 @@ def checked_param_group(param_group: Any, optimizer: str) -> dict[str, Any]:
         if isinstance(p, torch.Tensor) and not p.is_floating_point():
             raise TypeError(f"{optimizer} needs floating-point params, got one of dtype {p.dtype}")
     return {**param_group, "params": params}
+
+
+class CheckedOptimizer(torch.optim.Optimizer):
+    """An optimizer whose defaults and every group added later pass ``check_hyperparameters`` (and
+    ``checked_param_group``) before anything is stored; ``betas`` given as a list become a tuple."""
+
+    def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
+        if isinstance(defaults.get("betas"), list):
+            defaults["betas"] = tuple(defaults["betas"])
+        self.check_hyperparameters(defaults)
+        super().__init__(params, defaults)
+
+    @staticmethod
+    def check_hyperparameters(hyperparameters: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        param_group = checked_param_group(param_group, type(self).__name__)
+        self.check_hyperparameters({**self.defaults, **param_group})
+        super().add_param_group(param_group)

@@ -12,11 +12,10 @@ from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import torch
-from torch.optim import Optimizer
 
 from . import _cpu
 from . import _dtensor as _dt
-from ._validation import check_adam_hyperparameters, check_positive_int, checked_param_group, is_number
+from ._validation import CheckedOptimizer, check_adam_hyperparameters, check_positive_int, is_number
 from .cohorts import COHORTS, admit, bias_table, new_table
 from .functional import (
     Mask,
@@ -102,7 +101,7 @@ class _StateView(NamedTuple):
         return self.density != density or self.layout.chunk_size != chunk_size
 
 
-class NanoAdam(Optimizer):
+class NanoAdam(CheckedOptimizer):
     r"""AdamW that updates, in every tensor, only the weights of smallest magnitude.
 
     Each sparse tensor is flattened and cut into chunks of ``chunk_size`` entries; every
@@ -171,20 +170,17 @@ class NanoAdam(Optimizer):
         fused: bool | None = None,
         principal_rank: int = 8,
     ) -> None:
-        defaults = dict(
-            lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
-            weight_decay=weight_decay, density=density, mask_interval=mask_interval,
+        super().__init__(params, dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, density=density, mask_interval=mask_interval,
             chunk_size=chunk_size, selection=selection, state_dtype=state_dtype, sparse=sparse,
             stochastic_rounding=stochastic_rounding, fused=fused, principal_rank=principal_rank,
-        )
-        _check_hyperparameters(defaults)
-        super().__init__(params, defaults)
+        ))
+
+    check_hyperparameters = staticmethod(_check_hyperparameters)
 
     # -- groups -------------------------------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        param_group = checked_param_group(param_group, "NanoAdam")
-        _check_hyperparameters({**self.defaults, **param_group})
         super().add_param_group(param_group)
         self.param_groups[-1]["step"] = self._optimizer_step()
         if getattr(self, "_in_backward", None) is not None:

@@ -9,8 +9,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from ._io import atomic_write_json, atomic_write_text
-
 
 class UsageError(Exception):
     """Bad command-line input: reported as one line, exit code 2."""
@@ -73,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "head-only, adamw-headlr; 'secondary': adamw8bit, galore, microadam, nanoadam-static)")
     compare.add_argument("--seeds", type=_positive_int, default=5)
     compare.add_argument("--max-extensions", type=int, default=3, help="steps a grid may extend at an edge")
+    compare.add_argument("--render-only", action="store_true",
+                         help="run nothing: summarize the run files already in --out and render the tables and "
+                              "figures (for results still being computed)")
     compare.add_argument("--rerun-slower-than", type=_positive_float, metavar="FACTOR",
                          help="first rerun every finished run whose median step took more than FACTOR times the "
                               "fastest run of the same task, optimizer and phase (a machine disturbed by other work)")
@@ -315,12 +316,17 @@ def _compare(args) -> int:
     moved += retime_finals(out, args.retime_finals) if args.retime_finals else []
     for run in moved:
         print(f"rerunning {run['run']} (median step {run['old_median_step_s']:.3f} s)", file=sys.stderr)
-    with tqdm(desc="compare", unit="run") as bar:
-        def progress(done, total, path):
-            bar.total = total
-            bar.set_postfix_str(str(path.relative_to(out / "runs")))
-            bar.update(1)
-        summary = run_compare(config, progress=progress)
+    if args.render_only:
+        from .experiments.compare import summarize
+
+        summary = {**summarize(config), "failures": [], "retimed": []}
+    else:
+        with tqdm(desc="compare", unit="run") as bar:
+            def progress(done, total, path):
+                bar.total = total
+                bar.set_postfix_str(str(path.relative_to(out / "runs")))
+                bar.update(1)
+            summary = run_compare(config, progress=progress)
     table = glue_table(summary)
     print(table)
     plot_curves(out, summary)
@@ -437,11 +443,7 @@ def _bench_optimizers(args) -> int:
             result = run(config, progress=lambda done, _total: bar.update(1))
     except (MissingExtraError, OSError) as e:
         raise UsageError(f"nanoadam bench: {e}") from None
-    table = format_table(result)
-    print(table)
-    if args.out:
-        write_result(args.out, "bench", result, table, "Every optimizer side by side")
-    return 0
+    return _publish(args.out, "bench", result, format_table(result), "Every optimizer side by side")
 
 
 def _bench_memory(args) -> int:
@@ -449,11 +451,8 @@ def _bench_memory(args) -> int:
 
     result = run_table(MemoryTableConfig(params=args.params, density=args.density, galore_rank=args.galore_rank,
                                          hidden=args.hidden, measure=not args.no_measure))
-    table = format_memory_table(result)
-    print(table)
-    if args.out:
-        write_result(args.out, "memory", result, table, "Optimizer-state memory (paper Appendix G)")
-    return 0
+    title = "Optimizer-state memory (paper Appendix G)"
+    return _publish(args.out, "memory", result, format_memory_table(result), title)
 
 
 def _bench_backward(args) -> int:
@@ -465,11 +464,7 @@ def _bench_backward(args) -> int:
     result = run(BackwardBenchConfig(settings=settings, steps=args.steps, threads=args.threads),
                  progress=lambda row: print(f"{row['setting']} / {row['optimizer']}: "
                                             f"{row['peak_training_mb']:.0f} MB", file=sys.stderr))
-    table = format_table(result)
-    print(table)
-    if args.out:
-        write_result(args.out, "backward", result, table, "Peak training memory with step in backward")
-    return 0
+    return _publish(args.out, "backward", result, format_table(result), "Peak training memory with step in backward")
 
 
 def _bench_step(args) -> int:
@@ -483,23 +478,25 @@ def _bench_step(args) -> int:
         config.foreach_steps = 2
     with tqdm(total=config.blocks + 1 + config.include_reference, desc="bench step", unit="block") as bar:
         result = run(config, progress=lambda done, total: bar.update(1))
-    table = format_table(result)
+    return _publish(args.out, "step", result, format_table(result), "Step time: NanoAdam vs torch.optim.AdamW")
+
+
+def _publish(out: Path | None, name: str, result: dict, table: str, title: str) -> int:
+    """Prints ``table`` and, with an output folder, writes the result and its Markdown there."""
     print(table)
-    if args.out:
-        write_result(args.out, "step", result, table, "Step time: NanoAdam vs torch.optim.AdamW")
+    if out:
+        write_result(out, name, result, table, title)
     return 0
 
 
 def write_result(out: Path, name: str, result: dict, table: str, title: str) -> None:
-    """``out/name.json`` (the result) and ``out/name.md`` (title, command, machine, date, table)."""
-    machine = result.get("machine", {})
-    header = [f"# {title}", "", f"Command: `{_command_line()}`", ""]
-    if machine:
-        header.append(f"Machine: {machine.get('processor')}, {machine.get('threads')} threads, "
-                      f"torch {machine.get('torch')}, {machine.get('platform')}; date: {machine.get('date')}")
-        header.append("")
-    atomic_write_json(out / f"{name}.json", result, indent=2)
-    atomic_write_text(out / f"{name}.md", "\n".join(header) + "\n" + table + "\n")
+    """``out/name.json`` (the result, with the command that produced it) and ``out/name.md``
+    (title, command, machine, date, table)."""
+    from . import experiment
+
+    result = {"command": _command_line(), **result}
+    experiment.write_result(out, name, result)
+    experiment.write_markdown(out, name, title, result, [table])
 
 
 def main(argv: list[str] | None = None) -> int:

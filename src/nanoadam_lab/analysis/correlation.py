@@ -28,16 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ..experiment import (
-    machine_info,
-    markdown_table,
-    pyplot,
-    read_result,
-    save_figure,
-    settings_table,
-    write_markdown,
-    write_result,
-)
+from .. import experiment as ex
 
 _REPRODUCE_MODULE = "nanoadam_lab.analysis.correlation"
 KINDS = ("query", "key", "value", "qkv", "attn_out", "ffn_in", "ffn_out")
@@ -366,7 +357,7 @@ def run(config: CorrelationConfig, rows: dict | None = None, progress=None) -> d
         result = {
             "config": asdict(config),
             "reproduce": reproduce_call(config),
-            "machine": machine_info(),
+            "machine": ex.machine_info(),
             "model": {"description": desc, "num_layers": n_layers, "hidden_size": models["finetune"].config.hidden_size,
                       "scratch": "AutoModelForSequenceClassification.from_config(same config), same seed"},
             "steps_done": done,
@@ -427,7 +418,7 @@ def render(result: dict, out_dir: str, scatter: dict | None = None) -> list[Path
     samples are at hand (``correlation_scatter.json``), one ``scatter_<tensor>.png`` per tensor."""
     cfg, s = result["config"], result["summary"]
     if scatter is None and (Path(out_dir) / "correlation_scatter.json").exists():
-        scatter = read_result(out_dir, "correlation_scatter")
+        scatter = ex.read_result(out_dir, "correlation_scatter")
     model = result["model"]
     sections = [
         f"Model: {model['description']}, {model['num_layers']} layers, hidden {model['hidden_size']}; scratch = "
@@ -436,7 +427,7 @@ def render(result: dict, out_dir: str, scatter: dict | None = None) -> list[Path
         f"max(|w|); start = the first batch's gradient, later = an unseen batch's after {result['steps_done']} "
         "AdamW steps; `qkv` = a layer's query, key and value weights concatenated.", "",
         "## Summary: tensors with rho(finetune) < rho(scratch)", "",
-        markdown_table(["phase", "after steps", "fused qkv layers", "separate q/k/v matrices", "layers (rho/ref)",
+        ex.markdown_table(["phase", "after steps", "fused qkv layers", "separate q/k/v matrices", "layers (rho/ref)",
                         "matrices (rho/ref)"],
                        [[phase, result["phases"][phase]["after_steps"],
                          f"{s[phase]['qkv_layers_lower_finetune']}/{s[phase]['qkv_layers']}",
@@ -457,9 +448,9 @@ def render(result: dict, out_dir: str, scatter: dict | None = None) -> list[Path
     sections += [f"![{p.name}]({p.name})" for p in written]
     if not written:
         sections += [f"![{f}]({f})" for f in _existing_figures(out_dir)]
-    sections += ["", "## Settings", "", settings_table(cfg)]
+    sections += ["", "## Settings", "", ex.settings_table(cfg)]
     title = "Gradient-weight correlation: finetuning vs training from scratch (Sec. 2.1, Eq. 1, Fig. 1)"
-    return [*written, write_markdown(out_dir, "correlation", title, result, sections)]
+    return [*written, ex.write_markdown(out_dir, "correlation", title, result, sections)]
 
 
 def _existing_figures(out_dir: str) -> list[str]:
@@ -479,7 +470,7 @@ def _kind_table(s: dict) -> str:
                 else:
                     cells += ["-", "-"]
         rows.append(cells)
-    return markdown_table(["kind", "start: lower", "start: mean ft / scr", "start rho/ref: lower",
+    return ex.markdown_table(["kind", "start: lower", "start: mean ft / scr", "start rho/ref: lower",
                            "start rho/ref: mean ft / scr", "later: lower", "later: mean ft / scr",
                            "later rho/ref: lower", "later rho/ref: mean ft / scr"], rows)
 
@@ -495,7 +486,7 @@ def _tensor_table(result: dict) -> str:
                 d = r[side][phase]
                 cells.append(f"{_f(d['rho'])} ({_f(d['rho_norm'])})")
         rows.append(cells)
-    return markdown_table(["tensor", "entries", "n start (ft / scr)", "start ft", "start scr", "later ft",
+    return ex.markdown_table(["tensor", "entries", "n start (ft / scr)", "start ft", "start scr", "later ft",
                            "later scr"], rows)
 
 
@@ -510,12 +501,12 @@ def _spearman_table(result: dict) -> str:
                 vals = [v for v in vals if v is not None and math.isfinite(v)]
                 cells.append(_f(sum(vals) / len(vals)) if vals else "-")
         rows.append(cells)
-    return markdown_table(["kind", "start ft", "start scr", "later ft", "later scr"], rows)
+    return ex.markdown_table(["kind", "start ft", "start scr", "later ft", "later scr"], rows)
 
 
 def _loss_table(result: dict) -> str:
     ml = result["measured_loss"]
-    return markdown_table(["model", "training loss (mean over the steps)", "measured batch, start",
+    return ex.markdown_table(["model", "training loss (mean over the steps)", "measured batch, start",
                            "measured batch, later"],
                           [[side, _loss(result["train_loss"][side]), _f(ml[side]["start"]), _f(ml[side]["later"])]
                            for side in ("finetune", "scratch")])
@@ -533,7 +524,7 @@ def _location_table(result: dict) -> list[str]:
                 vals = [v for v in (t["rho"][side][phase].get("top_distinct_cols") for t in ts) if v is not None]
                 cells.append(f"{sum(vals) / len(vals):.3g}" if vals else "-")
         rows.append(cells)
-    lines = [markdown_table(["kind", "k_top", "start ft", "start scr", "later ft", "later scr"], rows)]
+    lines = [ex.markdown_table(["kind", "k_top", "start ft", "start scr", "later ft", "later scr"], rows)]
     qkv = [t for t in result["tensors"] if t["kind"] == "qkv"]
     if qkv:
         cells = ["top entries q / k / v (fused qkv, summed over layers)"]
@@ -544,7 +535,7 @@ def _location_table(result: dict) -> list[str]:
                     for part, c in t["rho"][side][phase].get("top_in_part", {}).items():
                         tot[part] = tot.get(part, 0) + c
                 cells.append(" / ".join(str(tot[p]) for p in ("query", "key", "value")))
-        lines += ["", markdown_table(["", "start ft", "start scr", "later ft", "later scr"], [cells])]
+        lines += ["", ex.markdown_table(["", "start ft", "start scr", "later ft", "later scr"], [cells])]
     return lines
 
 
@@ -565,7 +556,7 @@ def _figure_name(label: str) -> str:
 
 
 def plot_tensor(result: dict, label: str, path: str) -> Path:
-    plt = pyplot()
+    plt = ex.pyplot()
 
     sides, phases = ("finetune", "scratch"), ("start", "later")
     fig, axes = plt.subplots(2, 2, figsize=(10, 8.5), squeeze=False)
@@ -597,17 +588,17 @@ def plot_tensor(result: dict, label: str, path: str) -> Path:
     fig.suptitle(f"{label}: |grad| vs |w| ({name}, {result['config']['task']}, seed {result['config']['seed']})",
                  fontsize=10)
     fig.tight_layout()
-    return save_figure(fig, path)
+    return ex.save_figure(fig, path)
 
 
 def write_outputs(result: dict, out_dir: str) -> list[Path]:
     """Writes ``correlation.json`` (without the scatter samples) and ``correlation_scatter.json``
     (the samples, four significant digits), then renders from them."""
     slim = {k: v for k, v in result.items() if k != "scatter"}
-    written = [write_result(out_dir, "correlation", slim)]
+    written = [ex.write_result(out_dir, "correlation", slim)]
     if result.get("scatter"):
-        written.append(write_result(out_dir, "correlation_scatter", _rounded(result["scatter"])))
-    return written + render(read_result(out_dir, "correlation"), out_dir)
+        written.append(ex.write_result(out_dir, "correlation_scatter", _rounded(result["scatter"])))
+    return written + render(ex.read_result(out_dir, "correlation"), out_dir)
 
 
 def _rounded(obj):

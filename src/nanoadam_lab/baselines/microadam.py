@@ -69,9 +69,8 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from torch.optim import Optimizer
 
-from nanoadam._validation import check_adam_hyperparameters, check_positive_int, checked_param_group, is_int
+from nanoadam._validation import CheckedOptimizer, check_adam_hyperparameters, check_positive_int, is_int
 
 __all__ = [
     "MicroAdam",
@@ -261,7 +260,7 @@ def _scalar(x: Any) -> float:
     return x.item() if isinstance(x, torch.Tensor) else float(x)
 
 
-class MicroAdam(Optimizer):
+class MicroAdam(CheckedOptimizer):
     r"""MicroAdam: Adam over a window of the last ``m`` top-k sparse gradients with 4-bit error feedback.
 
     A CPU-capable port of ``ista_daslab_optimizers.MicroAdam``; the algorithm, the state layout and
@@ -293,16 +292,10 @@ class MicroAdam(Optimizer):
         block_size: int = 4096,
         quant_bucket: int = 64,
     ) -> None:
-        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
-                        weight_decay=weight_decay, m=m, density=density, block_size=block_size,
-                        quant_bucket=quant_bucket)
-        _check_hyperparameters(defaults)
-        super().__init__(params, defaults)
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, m=m, density=density,
+                                      block_size=block_size, quant_bucket=quant_bucket))
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        param_group = checked_param_group(param_group, "MicroAdam")
-        _check_hyperparameters({**self.defaults, **param_group})
-        super().add_param_group(param_group)
+    check_hyperparameters = staticmethod(_check_hyperparameters)
 
     # -- state --------------------------------------------------------------------------------
 

@@ -20,16 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..experiment import (
-    machine_info,
-    markdown_table,
-    pyplot,
-    read_result,
-    save_figure,
-    settings_table,
-    write_markdown,
-    write_result,
-)
+from .. import experiment as ex
 from .compare import RunLedger, best_lr
 from .glue import GlueRunConfig
 
@@ -147,15 +138,15 @@ def render(result: dict, out_dir: str) -> list[Path]:
     ]
     sections = []
     for title, rows in studies:
-        sections += [f"## {title}", "", markdown_table(head, rows), ""]
-    tuning = markdown_table(["selection", "held-out score per rate", "chosen"], [
+        sections += [f"## {title}", "", ex.markdown_table(head, rows), ""]
+    tuning = ex.markdown_table(["selection", "held-out score per rate", "chosen"], [
         ["small weights", _rates(result["tuning"]["small_weights"]), f"{result['lr_small_weights']:g}"],
         ["large gradients", _rates(result["tuning"]["large_gradients"]), f"{result['lr_large_gradients']:g}"]])
     sections += ["## Tuning (held-out score per rate)", "", tuning, ""]
     figure = plot(result, Path(out_dir))
-    sections += [f"![curves]({figure.name})", "", "## Settings", "", settings_table(c)]
+    sections += [f"![curves]({figure.name})", "", "## Settings", "", ex.settings_table(c)]
     title = f"Ablation on {c['task'].upper()} (paper Fig. 4a, 4b, Table 14, Table 11)"
-    return [figure, write_markdown(out_dir, "ablation", title, result, sections)]
+    return [figure, ex.write_markdown(out_dir, "ablation", title, result, sections)]
 
 
 def _rates(tuning: dict) -> str:
@@ -164,14 +155,14 @@ def _rates(tuning: dict) -> str:
 
 def main(config: AblationConfig, command: str | None = None, execute=None, progress=None) -> dict:
     """Runs (or resumes) the ablation, writes ``ablation.json`` to ``config.out`` and renders from it."""
-    result = {"command": command, "machine": machine_info(), **run(config, execute, progress)}
-    write_result(config.out, "ablation", result)
-    render(read_result(config.out, "ablation"), config.out)
+    result = {"command": command, "machine": ex.machine_info(), **run(config, execute, progress)}
+    ex.write_result(config.out, "ablation", result)
+    render(ex.read_result(config.out, "ablation"), config.out)
     return result
 
 
 def plot(result: dict, out: Path) -> Path:
-    plt = pyplot()
+    plt = ex.pyplot()
 
     panels = [("Fig. 4a: which weights", ["small_weights", "random_weights", "large_weights"]),
               ("Fig. 4b: small weights vs large gradients", ["small_weights", "large_gradients",
@@ -195,4 +186,4 @@ def plot(result: dict, out: Path) -> Path:
         axes[0, col].legend(fontsize=8)
         axes[1, col].legend(fontsize=8)
     fig.tight_layout()
-    return save_figure(fig, out / "ablation_curves.png")
+    return ex.save_figure(fig, out / "ablation_curves.png")

@@ -52,21 +52,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import experiment as ex
 from ..analysis.shift import backbone_snapshot, shift_report
 from ..analysis.stats import paired_interval
 from ..analysis.stats import verdict as stats_verdict
 from ..baselines import available_optimizers, build_optimizer
-from ..experiment import (
-    jsonable,
-    machine_info,
-    markdown_table,
-    pyplot,
-    read_result,
-    save_figure,
-    settings_table,
-    write_markdown,
-    write_result,
-)
 from .compare import LR_GRIDS as COMPARE_LR_GRIDS
 from .compare import budget_settings
 
@@ -665,7 +655,7 @@ def run_domain(domain, progress: Progress) -> dict:
             per_rule[rule][optimizer] = _entry(tunings[rule], finished[pair])
     primary = per_rule[rules[0]]
     variants = {rule: {"optimizers": per_rule[rule], "verdict": verdict(per_rule[rule])} for rule in rules[1:]}
-    return {"config": jsonable(asdict(cfg)), "seeds": seeds, "data": domain.describe(),
+    return {"config": ex.jsonable(asdict(cfg)), "seeds": seeds, "data": domain.describe(),
             "metric": domain.metric, "tie_break": rules[0], "optimizers": primary, "verdict": verdict(primary),
             "variants": variants, "elapsed_s": time.perf_counter() - started}
 
@@ -697,7 +687,7 @@ def run(config: ForgettingConfig, progress=None) -> dict:
     units = sum(cfg.n_seeds + 2 * len(cfg.lr_grids[o]) for _, cfg in domains for o in cfg.optimizers)
     progress = Progress(progress, units)
     started = time.perf_counter()
-    result: dict[str, Any] = {"command": config.command or python_call(config), "environment": machine_info(),
+    result: dict[str, Any] = {"command": config.command or python_call(config), "environment": ex.machine_info(),
                               "domains": {}}
     try:
         for name, cfg in domains:
@@ -711,7 +701,7 @@ def run(config: ForgettingConfig, progress=None) -> dict:
     finally:
         progress.close()
     result["elapsed_s"] = time.perf_counter() - started
-    return jsonable(result)
+    return ex.jsonable(result)
 
 
 def merge_results(base: dict, new: dict) -> dict:
@@ -774,7 +764,7 @@ def comparison_table(domain: dict, optimizers: dict | None = None) -> str:
     rows = [[key.replace("_vs_", " vs. "), f"{100 * d['mean']:+.2f}",
              f"[{100 * d['lo']:+.2f}, {100 * d['hi']:+.2f}]" if d["n"] >= 2 else "-", d["n"], d["verdict"]]
             for key, d in v.items()]
-    return markdown_table(["NanoAdam minus", "mean (points)", "95 % CI", "seeds", "verdict"], rows)
+    return ex.markdown_table(["NanoAdam minus", "mean (points)", "95 % CI", "seeds", "verdict"], rows)
 
 
 def render(result: dict, out_dir: str) -> list[Path]:
@@ -796,16 +786,16 @@ def render(result: dict, out_dir: str) -> list[Path]:
         for rule, var in domain["variants"].items():
             sections += [f"### Ties broken by {rule}", "", domain_table(domain, var["optimizers"]), "",
                          comparison_table(domain, var["optimizers"]), "", tuning_table(domain, var["optimizers"]), ""]
-        sections += ["### Settings", "", settings_table(domain["config"]), ""]
+        sections += ["### Settings", "", ex.settings_table(domain["config"]), ""]
     title = "Catastrophic forgetting in continual finetuning (paper Sec. 4, Tables 4 and 5)"
-    return [*written, write_markdown(out_dir, "forgetting", title, result, sections)]
+    return [*written, ex.write_markdown(out_dir, "forgetting", title, result, sections)]
 
 
 def plot_domain(domain: dict, path: str, title: str) -> Path:
     """Three panels: task-1 score before/after task 2 and the task-2 score per optimizer (test data, mean and
     std over seeds); the backbone's L2 shift and untouched share; the held-out task-1 score after task 2 against the
     task-2 rate (tuning data)."""
-    plt = pyplot()
+    plt = ex.pyplot()
     opts = list(domain["optimizers"])
     t1, t2 = domain["data"]["tasks"]
     fig, (ax, ax_shift, ax_trade) = plt.subplots(1, 3, figsize=(16, 4.6), gridspec_kw={"width_ratios": [2.1, 1, 1.3]})
@@ -849,12 +839,12 @@ def plot_domain(domain: dict, path: str, title: str) -> Path:
                        f"{domain['seeds'][0]}; circled: chosen)", fontsize=9)
     ax_trade.legend(fontsize=7)
     fig.tight_layout()
-    return save_figure(fig, path)
+    return ex.save_figure(fig, path)
 
 
 def write_outputs(result: dict, out_dir: str) -> list[Path]:
     """Writes ``forgetting.json``, then renders ``forgetting.md`` and the figures from it."""
-    return [write_result(out_dir, "forgetting", result), *render(read_result(out_dir, "forgetting"), out_dir)]
+    return [ex.write_result(out_dir, "forgetting", result), *render(ex.read_result(out_dir, "forgetting"), out_dir)]
 
 
 def python_call(config: ForgettingConfig, out_dir: str | None = None, merge: bool = False) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .. import experiment as ex
 from .glue_data import TASKS
 
 METRIC_NAMES = {"accuracy": "acc", "matthews": "MCC", "pearson": "Pearson"}
@@ -82,25 +83,23 @@ def glue_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+def _task_figures(out: Path, summary: dict, prefix: str, draw) -> list[Path]:
+    """``out/<prefix>_<task>.png`` for every task with results, each drawn by ``draw(task, cells)``."""
+    written = []
+    for task in summary["config"]["tasks"]:
+        cells = summary["tasks"].get(task, {}).get("cells", {})
+        if cells:
+            fig = draw(task, cells)
+            fig.tight_layout()
+            written.append(ex.save_figure(fig, out / f"{prefix}_{task}.png"))
+    return written
 
 
 def plot_frontiers(out: Path, summary: dict) -> list[Path]:
     """Per task: validation score against retention for every rate each optimizer tried (seed 0),
     the chosen rate's seed mean marked; the pretrained model's retention as a vertical line."""
-    plt = _pyplot()
-    written = []
-    for task in summary["config"]["tasks"]:
-        cells = summary["tasks"].get(task, {}).get("cells", {})
-        if not cells:
-            continue
-        fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    def draw(task, cells):
+        fig, ax = ex.pyplot().subplots(figsize=(6.5, 4.5))
         for opt, cell in cells.items():
             rows = [r for r in cell["grid"] if r["retention"] is not None and r["validation"] is not None]
             line, = ax.plot([100 * r["retention"] for r in rows], [100 * r["validation"] for r in rows], marker="o",
@@ -117,24 +116,16 @@ def plot_frontiers(out: Path, summary: dict) -> list[Path]:
                title=f"{task}: task score vs. retention over each LR grid (seed 0; star: chosen rate, seed mean)")
         ax.title.set_fontsize(8)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        target = out / f"frontier_{task}.png"
-        fig.savefig(target, dpi=110)
-        plt.close(fig)
-        written.append(target)
-    return written
+        return fig
+
+    return _task_figures(out, summary, "frontier", draw)
 
 
 def plot_curves(out: Path, summary: dict) -> list[Path]:
     """Per task: training loss (moving average) and held-out metric against steps, seed 0 at the
     chosen rate."""
-    plt = _pyplot()
-    written = []
-    for task in summary["config"]["tasks"]:
-        cells = summary["tasks"].get(task, {}).get("cells", {})
-        if not cells:
-            continue
-        fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(11, 4))
+    def draw(task, cells):
+        fig, (ax_loss, ax_metric) = ex.pyplot().subplots(1, 2, figsize=(11, 4))
         for opt, cell in cells.items():
             path = _seed0_path(out, task, opt, cell)
             if path is None:
@@ -151,12 +142,9 @@ def plot_curves(out: Path, summary: dict) -> list[Path]:
         ax_metric.set(xlabel="step", ylabel=f"held-out {TASKS[task].metric} x 100", title=f"{task}: held-out slice")
         ax_loss.legend(fontsize=8)
         ax_metric.legend(fontsize=8)
-        fig.tight_layout()
-        target = out / f"curves_{task}.png"
-        fig.savefig(target, dpi=110)
-        plt.close(fig)
-        written.append(target)
-    return written
+        return fig
+
+    return _task_figures(out, summary, "curves", draw)
 
 
 def _seed0_path(out: Path, task: str, optimizer: str, cell: dict) -> Path | None:

@@ -58,16 +58,7 @@ from pathlib import Path
 
 import torch
 
-from ..experiment import (
-    machine_info,
-    markdown_table,
-    mean_std,
-    pyplot,
-    run_and_render,
-    save_figure,
-    settings_table,
-    write_markdown,
-)
+from .. import experiment as ex
 
 STRATEGIES = ("small_weights", "large_gradients", "small_weights_static", "large_gradients_static", "full")
 LABELS = {
@@ -402,17 +393,17 @@ def render(result: dict, out_dir: str) -> list[Path]:
     sections = [
         f"Mean ± sample std (ddof 1) over {cfg['n_seeds']} seeds {result['seeds']}; test loss = MSE on "
         f"{cfg['n_test']} fresh samples of the finetuning task; distance = L2 from the pretrained parameters.", "",
-        markdown_table(["pretraining", "train MSE", "test MSE", "large neurons"],
-                       [["student", mean_std(pre["train_loss"]), mean_std(pre["test_loss"]),
-                         f"{mean_std(pre['large_neurons'])} of {cfg['student_width']}"]]), ""]
+        ex.markdown_table(["pretraining", "train MSE", "test MSE", "large neurons"],
+                       [["student", ex.mean_std(pre["train_loss"]), ex.mean_std(pre["test_loss"]),
+                         f"{ex.mean_std(pre['large_neurons'])} of {cfg['student_width']}"]]), ""]
     written = []
     for k, task in result["tasks"].items():
-        rows = [[LABELS[name], mean_std(m["test_loss"]), mean_std(m["distance"]), mean_std(m["large_neuron_distance"]),
-                 mean_std(m["path_length"]), mean_std(m["ever_changed_fraction_W"]), mean_std(m["gradient_share"])]
-                for name, m in task["methods"].items()]
+        columns = ("test_loss", "distance", "large_neuron_distance", "path_length", "ever_changed_fraction_W",
+                   "gradient_share")
+        rows = [[LABELS[name], *(ex.mean_std(m[c]) for c in columns)] for name, m in task["methods"].items()]
         sections += [f"## {k} added neuron{'s' if k != '1' else ''}", "",
-                     f"Pretrained student on the new task: test MSE {mean_std(task['pretrained_test_loss'])}.", "",
-                     markdown_table(["method", "test loss", "distance", "large-neuron distance", "path length",
+                     f"Pretrained student on the new task: test MSE {ex.mean_std(task['pretrained_test_loss'])}.", "",
+                     ex.markdown_table(["method", "test loss", "distance", "large-neuron distance", "path length",
                                      "touched (W)", "gradient share"], rows), ""]
         for regime, per_task in result["verdict"].items():
             loss, dist = per_task[k]["test_loss"], per_task[k]["distance"]
@@ -423,9 +414,9 @@ def render(result: dict, out_dir: str) -> list[Path]:
             written.append(plot_task(result, k, os.path.join(out_dir, _figure_name(k))))
             sections += ["", f"![{k} added]({_figure_name(k)})"]
         sections.append("")
-    sections += ["## Settings", "", settings_table(cfg)]
+    sections += ["## Settings", "", ex.settings_table(cfg)]
     title = "Toy teacher-student: small weights vs large gradients (Sec. 2.3, Fig. 3, Tables 8 and 9)"
-    return [*written, write_markdown(out_dir, "toy", title, result, sections)]
+    return [*written, ex.write_markdown(out_dir, "toy", title, result, sections)]
 
 
 def _figure_name(k) -> str:
@@ -434,7 +425,7 @@ def _figure_name(k) -> str:
 
 def plot_task(result: dict, k: str, path: str) -> Path:
     """Draw Fig. 3 for task ``k`` (a panel per strategy) into ``path`` (PNG, written atomically)."""
-    plt = pyplot()
+    plt = ex.pyplot()
 
     fig_data = result["figure"]
     T = fig_data["teacher_width"]
@@ -501,7 +492,7 @@ def plot_task(result: dict, k: str, path: str) -> Path:
     fig.suptitle(f"{k} added neuron{'s' if k != '1' else ''}, fraction {result['config']['fraction']:g} per layer",
                  fontsize=10)
     fig.tight_layout(rect=(0, 0.5 / (4.4 * nrows + 0.6), 1, 1 - 0.3 / (4.4 * nrows + 0.6)), h_pad=2.5)
-    return save_figure(fig, path, dpi=130)
+    return ex.save_figure(fig, path, dpi=130)
 
 
 def main(config: ToyConfig | None = None, progress=True, command: str | None = None) -> list[Path]:
@@ -510,9 +501,9 @@ def main(config: ToyConfig | None = None, progress=True, command: str | None = N
     config = config or ToyConfig()
 
     def run_with_command(cfg):
-        return {"command": command or "nanoadam reproduce toy", "machine": machine_info(), **run(cfg, progress)}
+        return {"command": command or "nanoadam reproduce toy", "machine": ex.machine_info(), **run(cfg, progress)}
 
-    return run_and_render(run_with_command, render, config, config.out_dir, "toy")
+    return ex.run_and_render(run_with_command, render, config, config.out_dir, "toy")
 
 
 if __name__ == "__main__":
