@@ -89,3 +89,57 @@ def test_nanoadam_trains_lora_adapters():
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0]
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
+
+
+def train_with_factory(tmp, stop_at=None, resume=None, lr=1e-2, callbacks=None):
+    from nanoadam.integrations.hf import NanoAdamCallback, NanoAdamFactory
+
+    model = tiny_bert()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp), max_steps=12, per_device_train_batch_size=4, learning_rate=1e-2, save_strategy="steps",
+        save_steps=100, report_to=[], use_cpu=True, seed=7, logging_strategy="no", lr_scheduler_type="linear",
+        disable_tqdm=True)
+    kwargs = {"lr": lr, "density": 0.2, "mask_interval": 3, "chunk_size": 256, "final_density": 0.05,
+              "density_interval": 2}
+    callbacks = [NanoAdamCallback()] if callbacks is None else callbacks
+    if stop_at:
+        callbacks.append(StopAt(stop_at))
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset(),
+                                   optimizer_cls_and_kwargs=(NanoAdamFactory, kwargs), callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=resume)
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    return model, optimizer
+
+
+def test_factory_in_trainer_equals_the_explicit_optimizer_and_resumes_exactly(tmp_path):
+    explicit, explicit_opt = train(tmp_path / "a")
+    built, built_opt = train_with_factory(tmp_path / "b")
+    assert isinstance(built_opt, NanoAdam) and built_opt.param_groups[0]["density"] == pytest.approx(0.05)
+    head = {id(p) for p in built.classifier.parameters()}
+    assert {id(p) for p in built_opt.param_groups[1]["params"]} >= head and built_opt.param_groups[0]["sparse"]
+    for (name, a), b in zip(explicit.named_parameters(), built.parameters()):
+        assert torch.equal(a, b), name  # the same run as nanoadam_for_trainer's, bit for bit
+    train_with_factory(tmp_path / "c", stop_at=5)
+    resumed, _ = train_with_factory(tmp_path / "c", resume=str(tmp_path / "c" / "checkpoint-5"))
+    for (name, a), b in zip(built.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_factory_creates_no_state_before_the_first_step_and_refuses_what_it_cannot_serve(monkeypatch):
+    from nanoadam.integrations.hf import NanoAdamFactory
+
+    opt = NanoAdamFactory()(tiny_bert(), lr=1e-3)
+    assert not opt.state and isinstance(opt, NanoAdam)
+    with pytest.raises(ValueError, match="needs lr"):
+        NanoAdamFactory()(tiny_bert())
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ValueError, match="DeepSpeed"):
+        NanoAdamFactory()(tiny_bert(), lr=1e-3)
+
+
+def test_callback_warns_where_the_factory_kwargs_differ_and_a_missing_callback_is_named(tmp_path):
+    with pytest.warns(UserWarning, match="NanoAdam's lr is 0.003, TrainingArguments' 0.01"):
+        train_with_factory(tmp_path / "a", lr=3e-3)
+    with pytest.warns(UserWarning, match="no NanoAdamCallback"):
+        _, opt = train_with_factory(tmp_path / "b", callbacks=[])
+    assert opt.param_groups[0]["density"] == 0.2  # nothing ran the schedule
