@@ -9,8 +9,10 @@ import nanoadam
 
 LIBRARY = Path(nanoadam.__file__).parent
 # Third-party modules the library may import: torch always; Triton in its GPU kernels and in
-# show_config (optional, guarded); transformers in the Hugging Face integration only (the hf extra).
-ALLOWED = {"torch": None, "triton": {"triton_kernels.py", "_config.py"}, "transformers": {"integrations/hf.py"}}
+# show_config (optional, guarded); transformers and accelerate (which transformers installs) in the Hugging Face
+# integration only (the hf extra).
+ALLOWED = {"torch": None, "triton": {"triton_kernels.py", "_config.py"}, "transformers": {"integrations/hf.py"},
+           "accelerate": {"integrations/hf.py"}}
 
 
 def imported_top_level_names(path: Path) -> set[str]:
