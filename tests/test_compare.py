@@ -54,7 +54,8 @@ def test_compare_tunes_on_heldout_resumes_and_reports(tmp_path):
     cells = summary["tasks"]["rte"]["cells"]
     nano = cells["nanoadam"]
     assert nano["seeds"] == [0, 1] and nano["untouched_fraction"] > 0.8 > cells["adamw"]["untouched_fraction"]
-    assert set(nano["vs_adamw"]) == {"score", "retention"} and nano["vs_adamw"]["score"]["n"] == 2
+    assert set(nano["vs_adamw"]) == {"score", "retention", "retention_at_equal_score"}
+    assert nano["vs_adamw"]["score"]["n"] == 2
     assert [row["lr"] for row in cells["adamw"]["grid"]] == [1e-4, 1e-3]
     gate = summary["tasks"]["rte"]["gate"]
     assert gate["passed"] in (True, False) and {"vs_trivial", "vs_head_only"} <= set(gate)

@@ -107,3 +107,21 @@ def test_retention_probe_pools_only_real_tokens_whatever_the_batching():
         torch.testing.assert_close(batched[i], expected, rtol=1e-4, atol=1e-5)
     pairs = SentencePairs(sentences, sentences[::-1], [5.0, 1.0, 3.0])
     assert -1 <= sts_spearman(encoder, tokenizer, pairs) <= 1
+
+
+def test_retention_at_equal_score_reads_the_reference_frontier():
+    from nanoadam_lab.analysis.frontier import pareto_front, retention_at_equal_score, retention_on_front
+
+    # AdamW's grid: higher rates buy score with retention; the last rate is worse on both (dominated).
+    reference = {"grid": [{"validation": 0.80, "retention": 0.80}, {"validation": 0.85, "retention": 0.70},
+                          {"validation": 0.90, "retention": 0.50}, {"validation": 0.88, "retention": 0.40}]}
+    assert pareto_front([(r["validation"], r["retention"]) for r in reference["grid"]]) == [
+        (0.80, 0.80), (0.85, 0.70), (0.90, 0.50)]
+    assert retention_on_front(pareto_front([(0.8, 0.8), (0.9, 0.5)]), 0.85) == pytest.approx(0.65)
+    assert retention_on_front([(0.8, 0.8)], 0.9) is None
+    cell = {"scores": [0.85, 0.875, 0.95, 0.82, 0.86], "retention": [0.75, 0.65, 0.6, 0.79, 0.70]}
+    out = retention_at_equal_score(cell, reference)
+    # 0.85 -> 0.70, 0.875 -> 0.60, 0.82 -> 0.76, 0.86 -> 0.66; 0.95 is beyond the front
+    assert out["n"] == 4 and out["seeds_above_front"] == 1
+    assert out["mean"] == pytest.approx((0.05 + 0.05 + 0.03 + 0.04) / 4)
+    assert out["verdict"] == "higher"

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .._io import atomic_write_json
+from ..analysis.frontier import retention_at_equal_score
 from ..analysis.stats import bootstrap_difference, paired_interval, verdict
 from .glue import GlueRunConfig
 from .glue_data import TASKS
@@ -448,7 +449,8 @@ def summarize(config: CompareConfig) -> dict:
             for optimizer, cell in cells.items():
                 if optimizer != "adamw":
                     cell["vs_adamw"] = {"score": _paired(cell, cells["adamw"], "scores"),
-                                        "retention": _paired(cell, cells["adamw"], "retention")}
+                                        "retention": _paired(cell, cells["adamw"], "retention"),
+                                        "retention_at_equal_score": retention_at_equal_score(cell, cells["adamw"])}
         task_gate = gate(task, cells, config.seeds)
         for cell in cells.values():
             cell.pop("_finals")

@@ -24,6 +24,13 @@ def _interval(d: dict | None) -> str:
     return f"{100 * d['mean']:+.2f} [{100 * d['lo']:+.2f}, {100 * d['hi']:+.2f}] {d['verdict']}"
 
 
+def _equal_score(d: dict | None) -> str:
+    if not d:
+        return "-"
+    outside = [f"{d[k]} {k.split('_')[1]}" for k in ("seeds_above_front", "seeds_below_front") if d[k]]
+    return _interval(d) + (f" ({', '.join(outside)} AdamW's front)" if outside else "")
+
+
 def _gate_line(task: str, gate: dict) -> str:
     if gate.get("passed") is None:
         return f"gate: undecided ({gate.get('reason')})"
@@ -46,18 +53,19 @@ def glue_table(summary: dict) -> str:
         metric = METRIC_NAMES[TASKS[task].metric]
         probe = "" if task != "stsb" else " (STS-B is the task here: the probe is not held out)"
         lines += [f"### {task.upper()} ({metric})", "", _gate_line(task, entry["gate"]) + probe, "",
-                  "| optimizer | lr | score | vs. AdamW [95 % CI] | retention | vs. AdamW [95 % CI] | seeds | "
-                  "untouched | L2 shift | step (s) |", "|" + "---|" * 10]
+                  "| optimizer | lr | score | vs. AdamW [95 % CI] | retention | vs. AdamW [95 % CI] | "
+                  "vs. AdamW at equal score [95 % CI] | seeds | untouched | L2 shift | step (s) |", "|" + "---|" * 11]
         for opt in config["optimizers"]:
             c = cells.get(opt)
             if c is None:
-                lines.append(f"| {opt} | (running) |" + " |" * 8)
+                lines.append(f"| {opt} | (running) |" + " |" * 9)
                 continue
             vs = c.get("vs_adamw", {})
             lr = f"{c['lr']:g}" + (" (edge)" if c["at_edge"] else "")
             lines.append(
                 f"| {opt} | {lr} | {_pct(c['mean'])} ± {_pct(c['std'])} | {_interval(vs.get('score'))} | "
-                f"{_pct(c['retention_mean'])} | {_interval(vs.get('retention'))} | {len(c['seeds'])} | "
+                f"{_pct(c['retention_mean'])} | {_interval(vs.get('retention'))} | "
+                f"{_equal_score(vs.get('retention_at_equal_score'))} | {len(c['seeds'])} | "
                 f"{_pct(c['untouched_fraction'])} % | {c['l2_shift']:.3f} | {c['median_step_s']:.3f} |")
         lines += ["", "Held-out score per rate (seed 0): " + "; ".join(
             f"{opt} " + ", ".join(f"{row['lr']:g}: {_pct(row['heldout'])}" for row in c["grid"])

@@ -1,0 +1,53 @@
+"""Retention at equal task score: an optimizer's runs against another's frontier.
+
+Each optimizer's learning-rate grid traces a frontier of task score against retention of the
+pretrained skill (a higher rate usually buys task score with retention). Comparing two optimizers
+at their tuned rates mixes the two axes; comparing at equal task score does not: for each seed of
+an optimizer at its chosen rate, the reference's retention at that seed's task score is read off
+the reference's frontier (its Pareto-optimal grid points, linearly interpolated), and the
+difference is averaged over seeds with a 95 % interval. The reference frontier comes from one
+seed per rate, so the interval covers the compared optimizer's seed spread only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .stats import paired_interval, verdict
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points (score, retention) that no other point beats on both, sorted by score."""
+    clean = [(s, r) for s, r in points if s is not None and r is not None and s == s and r == r]
+    front = [p for p in clean if not any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in clean)]
+    return sorted(set(front))
+
+
+def retention_on_front(front: Sequence[tuple[float, float]], score: float) -> float | None:
+    """The front's retention at ``score`` (linear between its points); None outside its score range."""
+    if not front or score < front[0][0] or score > front[-1][0]:
+        return None
+    for (s0, r0), (s1, r1) in zip(front, front[1:]):
+        if s0 <= score <= s1:
+            return r0 if s1 == s0 else r0 + (r1 - r0) * (score - s0) / (s1 - s0)
+    return front[0][1]  # a front of one point, at exactly its score
+
+
+def retention_at_equal_score(cell: dict, reference: dict) -> dict:
+    """``cell``'s per-seed retention minus ``reference``'s frontier retention at the same task
+    score (validation), with its interval; seeds whose score lies outside the reference's range
+    are counted apart (``above`` / ``below`` its best / worst frontier score)."""
+    front = pareto_front([(row["validation"], row["retention"]) for row in reference["grid"]])
+    diffs, above, below = [], 0, 0
+    for score, retention in zip(cell["scores"], cell["retention"]):
+        if score is None or retention is None:
+            continue
+        at = retention_on_front(front, score)
+        if at is None:
+            above += bool(front) and score > front[-1][0]
+            below += bool(front) and score < front[0][0]
+            continue
+        diffs.append(retention - at)
+    interval = paired_interval(diffs)
+    return {**interval, "verdict": verdict(interval) if interval["n"] >= 2 else "too few seeds",
+            "seeds_above_front": above, "seeds_below_front": below, "front": front}
