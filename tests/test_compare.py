@@ -215,3 +215,13 @@ def test_retime_finals_sets_aside_every_final_of_the_task(tmp_path):
     _write_atomic(tmp_path / "runs/stsb/adamw/lr1e-05-seed0.json", {"median_step_s": 0.41, "score": 0.4})
     assert _retimed(tmp_path)[0] == {"run": "runs/stsb/adamw/lr1e-05-seed0.json", "old_median_step_s": 0.5,
                                      "new_median_step_s": 0.41, "old_score": 0.4, "new_score": 0.4}
+
+
+def test_a_run_repeats_bit_for_bit(tmp_path):
+    from nanoadam_lab.experiments.glue import GlueRunConfig
+
+    config = GlueRunConfig(task="mrpc", optimizer="nanoadam", lr=1e-3, data_dir=DATA, eval_split="heldout",
+                           optimizer_overrides={"mask_interval": 2}, **{**TINY, "max_steps": 3})
+    first, second = run(config), run(config)
+    for key in ("loss_curve", "grad_norm_curve", "heldout", "validation", "retention", "l2_shift"):
+        assert first[key] == second[key], key
