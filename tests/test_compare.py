@@ -225,3 +225,28 @@ def test_a_run_repeats_bit_for_bit(tmp_path):
     first, second = run(config), run(config)
     for key in ("loss_curve", "grad_norm_curve", "heldout", "validation", "retention", "l2_shift"):
         assert first[key] == second[key], key
+
+
+def test_finetune_on_your_own_files(tmp_path, capsys):
+    data = tmp_path / "reviews"
+    data.mkdir()
+    for split, n in (("train", 24), ("validation", 8)):
+        rows = ["text,stars"] + [f"{'great fun' if i % 2 else 'dull and slow'} {i},{i % 2}" for i in range(n)]
+        (data / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    assert main(["finetune", "--dataset", str(data), "--text-fields", "text", "--label-field", "stars",
+                 "--num-labels", "2", "--optimizer", "nanoadam", "--budget", "quick", "--max-steps", "2",
+                 "--no-retention", "--out", str(out)]) == 0
+    result = json.loads(next(out.glob("reviews-*.json")).read_text())
+    assert result["config"]["dataset"] == str(data) and result["eval_examples"] == 8 and result["steps"] == 2
+    assert {"accuracy", "f1"} <= set(result["metrics"])
+    assert "| reviews | nanoadam |" in capsys.readouterr().out
+    for argv, match in [(["--text-fields", "text"], "needs --text-fields and --num-labels"),
+                        (["--text-fields", "body", "--num-labels", "2"], "need fields"),
+                        (["--text-fields", "text", "--label-field", "stars", "--num-labels", "1",
+                          "--metric", "accuracy"], "does not fit")]:
+        assert main(["finetune", "--dataset", str(data), "--optimizer", "adamw", *argv]) == 2
+        err = capsys.readouterr().err
+        assert match in err and err.count("\n") == 1, err
+    assert main(["finetune", "--optimizer", "adamw"]) == 2
+    assert "--task" in capsys.readouterr().err

@@ -51,8 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", parser_class=_Parser)
 
     tasks = "sst2, cola, mrpc, stsb, rte"
-    finetune = commands.add_parser("finetune", help="finetune a sequence-classification model on a GLUE task")
-    finetune.add_argument("--task", required=True, type=_task, help=tasks)
+    finetune = commands.add_parser("finetune", help="finetune a sequence-classification model on a GLUE task or "
+                                                    "your own data")
+    finetune.add_argument("--task", type=_task, help=f"{tasks}; or give --dataset")
+    finetune.add_argument("--dataset", help="your own data instead of --task: a hub dataset ('imdb', 'glue:qnli') or "
+                                            "a folder with train and validation .jsonl/.json/.csv files")
+    finetune.add_argument("--text-fields", help="with --dataset: the text field, or two comma-separated for pairs")
+    finetune.add_argument("--label-field", default="label", help="with --dataset (default: label)")
+    finetune.add_argument("--num-labels", type=_positive_int, help="with --dataset: classes (1: regression)")
+    finetune.add_argument("--metric", choices=["accuracy", "matthews", "pearson"],
+                          help="with --dataset (default: accuracy, or pearson for regression)")
     finetune.add_argument("--optimizer", required=True, type=_name, help="a registry name, e.g. nanoadam")
     finetune.add_argument("--lr", type=_positive_float, default=None,
                           help="learning rate (default: the middle of the optimizer's tuning grid)")
@@ -233,10 +241,10 @@ def _optimizer_set(text: str) -> list[str]:
     return list(sets[text]) if text in sets else _names(text)
 
 
-def _check_glue_inputs(args, tasks: list[str]) -> None:
-    """Fails early, with one line, on data or model that cannot be used."""
+def _check_glue_inputs(args, tasks: list) -> None:
+    """Fails early, with one line, on data (GLUE names or task specs) or a model that cannot be used."""
     from .experiments.glue import resolve_model_path
-    from .experiments.glue_data import DataError, load_task
+    from .experiments.glue_data import DataError, as_spec, load_task
 
     for task in tasks:
         try:
@@ -244,8 +252,9 @@ def _check_glue_inputs(args, tasks: list[str]) -> None:
         except DataError as e:
             raise UsageError(f"nanoadam: {e}") from None
         except Exception as e:  # datasets/hub errors: no network, unknown dataset
-            raise UsageError(f"nanoadam: cannot load {task} data ({type(e).__name__}: {str(e).splitlines()[0]})"
-                             ) from None
+            first = str(e).splitlines()[0] if str(e) else ""
+            raise UsageError(f"nanoadam: cannot load {as_spec(task).dataset or as_spec(task).name} data "
+                             f"({type(e).__name__}: {first})") from None
     try:
         from transformers import AutoConfig
 
@@ -260,23 +269,37 @@ def _finetune(args) -> int:
     from .experiments.compare import BUDGET_OPTIMIZER_OVERRIDES, LR_GRIDS, budget_settings
     from .experiments.glue import GlueRunConfig, run
 
-    _check_glue_inputs(args, [args.task])
+    if (args.task is None) == (args.dataset is None):
+        raise UsageError("nanoadam finetune: give --task (a GLUE task) or --dataset (your own data), not both")
+    own = {}
+    if args.dataset is not None:
+        if not args.text_fields or args.num_labels is None:
+            raise UsageError("nanoadam finetune: --dataset needs --text-fields and --num-labels")
+        own = dict(dataset=args.dataset, text_fields=[f.strip() for f in args.text_fields.split(",") if f.strip()],
+                   label_field=args.label_field, num_labels=args.num_labels, metric=args.metric)
     settings = budget_settings(args.budget, args.task)
     if args.epochs:
         settings["epochs"] = args.epochs
     grid = LR_GRIDS.get(args.optimizer, [1e-4])
-    config = GlueRunConfig(task=args.task, optimizer=args.optimizer, lr=args.lr or grid[len(grid) // 2],
-                           seed=args.seed, model=args.model, data_dir=args.data_dir, max_steps=args.max_steps,
-                           lora_r=args.lora_r if args.peft == "lora" else None, threads=args.threads,
-                           optimizer_overrides=dict(BUDGET_OPTIMIZER_OVERRIDES[args.budget].get(args.optimizer, {})),
-                           retention_probe=not args.no_retention, **settings)
-    with tqdm(desc=f"{args.task} {args.optimizer}", unit="step") as bar:
+    try:
+        config = GlueRunConfig(task=args.task or "custom", optimizer=args.optimizer,
+                               lr=args.lr or grid[len(grid) // 2], seed=args.seed, model=args.model,
+                               data_dir=args.data_dir, max_steps=args.max_steps,
+                               lora_r=args.lora_r if args.peft == "lora" else None, threads=args.threads,
+                               optimizer_overrides=dict(BUDGET_OPTIMIZER_OVERRIDES[args.budget].get(args.optimizer,
+                                                                                                    {})),
+                               retention_probe=not args.no_retention, **own, **settings)
+    except ValueError as e:
+        raise UsageError(f"nanoadam finetune: {e}") from None
+    _check_glue_inputs(args, [config.spec])
+    task = config.spec.name
+    with tqdm(desc=f"{task} {args.optimizer}", unit="step") as bar:
         def progress(step, total):
             bar.total = total
             bar.update(1)
         result = run(config, progress=progress)
     out = args.out or Path("results/finetune")
-    name = f"{args.task}-{args.optimizer}-lr{config.lr:g}-seed{args.seed}"
+    name = f"{config.spec.name}-{args.optimizer}-lr{config.lr:g}-seed{args.seed}"
     metrics = {k: v for k, v in result["metrics"].items()
                if k not in ("score", "trivial_prediction") and isinstance(v, float)}
     if result["retention"] is not None:
@@ -284,11 +307,11 @@ def _finetune(args) -> int:
     table = "\n".join([
         "| task | optimizer | lr | " + " | ".join(metrics) + " | steps | step time (s) | untouched | L2 shift |",
         "|---|---|---|" + "---|" * (len(metrics) + 4),
-        f"| {args.task} | {args.optimizer} | {config.lr:g} | " + " | ".join(f"{v:.4f}" for v in metrics.values())
+        f"| {task} | {args.optimizer} | {config.lr:g} | " + " | ".join(f"{v:.4f}" for v in metrics.values())
         + f" | {result['steps']} | {result['median_step_s']:.3f} | {100 * result['untouched_fraction']:.1f} % | "
         f"{result['l2_shift']:.3f} |"])
     print(table)
-    write_result(out, name, result, table, f"Finetuning {args.task} with {args.optimizer}")
+    write_result(out, name, result, table, f"Finetuning {task} with {args.optimizer}")
     return 0
 
 

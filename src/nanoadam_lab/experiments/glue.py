@@ -30,7 +30,7 @@ import torch
 from .._io import reset_peak_rss, status_kb
 from ..analysis.shift import backbone_snapshot, shift_report
 from ..baselines import build_optimizer
-from .glue_data import TASKS, Encoded, collate, compute_metrics, encode, load_task
+from .glue_data import TASKS, Encoded, TaskSpec, as_spec, collate, compute_metrics, custom_task, encode, load_task
 from .recipe import Recipe
 from .retention import SentencePairs, sts_spearman
 
@@ -62,15 +62,30 @@ class GlueRunConfig:
     clip_norm: float | None = 1.0
     retention_probe: bool = True  # zero-shot STS-B Spearman of the backbone after training
     probe_limit: int | None = None  # STS-B validation pairs the probe uses (None: all 1500)
+    # Your own data instead of a GLUE task: a hub dataset or a local folder (see glue_data.custom_task).
+    dataset: str | None = None
+    text_fields: list[str] | None = None
+    label_field: str = "label"
+    num_labels: int | None = None
+    metric: str | None = None
 
     def __post_init__(self):
-        if self.task not in TASKS:
-            raise ValueError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
+        if self.dataset is None and self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}, or give dataset=")
+        _ = self.spec  # validates the own-data fields
         if not self.lr > 0:
             raise ValueError(f"Invalid lr: {self.lr} (expected > 0)")
         if self.eval_split not in ("validation", "heldout"):
             raise ValueError(f"Invalid eval_split: {self.eval_split!r} (expected 'validation' or 'heldout')")
         Recipe(self.warmup_fraction, self.clip_norm)  # validates
+
+    @property
+    def spec(self) -> TaskSpec:
+        if self.dataset is None:
+            return TASKS[self.task]
+        if not self.text_fields or self.num_labels is None:
+            raise ValueError("own data (dataset=) needs text_fields and num_labels")
+        return custom_task(self.dataset, self.text_fields, self.num_labels, self.label_field, self.metric)
 
     @property
     def recipe(self) -> Recipe:
@@ -104,7 +119,7 @@ def load_model_and_tokenizer(model: str, num_labels: int, lora_r: int | None = N
 def split_data(config: GlueRunConfig, rows: dict[str, list[dict]], tokenizer) -> tuple[Encoded, dict[str, Encoded]]:
     """The training examples and the scored splits: ``{"heldout": ..., "validation": ...}`` for
     ``eval_split="heldout"``, ``{"validation": ...}`` otherwise (the first one is ``score``'s)."""
-    spec = TASKS[config.task]
+    spec = config.spec
     pool = list(rows["train"])
     random.Random(_POOL_SEED).shuffle(pool)
     if config.train_limit:
@@ -134,32 +149,33 @@ def predict(model, data: Encoded, pad_id: int, batch_size: int = 64) -> torch.Te
     return torch.cat(outputs)
 
 
-def evaluate(model, data: Encoded, task: str, pad_id: int, batch_size: int = 64) -> dict[str, float]:
+def evaluate(model, data: Encoded, task: str | TaskSpec, pad_id: int, batch_size: int = 64) -> dict[str, float]:
     return compute_metrics(task, predict(model, data, pad_id, batch_size), data.labels)
 
 
-def _loss(task: str, logits: torch.Tensor, labels: torch.Tensor) -> float:
-    if TASKS[task].num_labels == 1:
+def _loss(task: str | TaskSpec, logits: torch.Tensor, labels: torch.Tensor) -> float:
+    if as_spec(task).num_labels == 1:
         return float(torch.nn.functional.mse_loss(logits.reshape(-1), labels))
     return float(torch.nn.functional.cross_entropy(logits, labels))
 
 
-def trivial_predictions(task: str, train_labels: torch.Tensor, n: int) -> torch.Tensor:
+def trivial_predictions(task: str | TaskSpec, train_labels: torch.Tensor, n: int) -> torch.Tensor:
     """Logits of the trivial predictor: the training set's majority class, or its mean score."""
-    if TASKS[task].num_labels == 1:
+    num_labels = as_spec(task).num_labels
+    if num_labels == 1:
         return torch.full((n, 1), float(train_labels.float().mean()))
-    majority = int(torch.bincount(train_labels, minlength=TASKS[task].num_labels).argmax())
-    return torch.nn.functional.one_hot(torch.full((n,), majority), TASKS[task].num_labels).float()
+    majority = int(torch.bincount(train_labels, minlength=num_labels).argmax())
+    return torch.nn.functional.one_hot(torch.full((n,), majority), num_labels).float()
 
 
-def compact_predictions(task: str, logits: torch.Tensor) -> list:
+def compact_predictions(task: str | TaskSpec, logits: torch.Tensor) -> list:
     """What a split's metric needs of the predictions: the class, or the score to 4 decimals."""
-    if TASKS[task].num_labels == 1:
+    if as_spec(task).num_labels == 1:
         return [round(float(x), 4) for x in logits.reshape(-1)]
     return logits.argmax(-1).tolist()
 
 
-def scored_split(model, data: Encoded, task: str, pad_id: int, train_labels: torch.Tensor) -> dict[str, Any]:
+def scored_split(model, data: Encoded, task: str | TaskSpec, pad_id: int, train_labels: torch.Tensor) -> dict[str, Any]:
     """Metrics, loss, predictions, labels and the trivial predictor's score of one split."""
     logits = predict(model, data, pad_id)
     trivial = trivial_predictions(task, train_labels, len(data))
@@ -174,8 +190,8 @@ def run(config: GlueRunConfig, rows: dict[str, list[dict]] | None = None, progre
     """Trains once and returns the result. ``rows`` (from ``load_task``) and ``probe_rows`` (STS-B
     validation rows, for the retention probe) save reloading data."""
     torch.set_num_threads(config.threads)
-    spec = TASKS[config.task]
-    rows = rows if rows is not None else load_task(config.task, config.data_dir)
+    spec = config.spec
+    rows = rows if rows is not None else load_task(spec, config.data_dir)
     torch.manual_seed(config.seed)
     model, tokenizer = load_model_and_tokenizer(config.model, spec.num_labels, config.lora_r)
     train, scored = split_data(config, rows, tokenizer)
@@ -217,13 +233,13 @@ def run(config: GlueRunConfig, rows: dict[str, list[dict]] | None = None, progre
         if not math.isfinite(losses[-1]):
             break
         if step in eval_at:
-            eval_curve.append({"step": step, **evaluate(model, scored[first_split], config.task, pad_id)})
+            eval_curve.append({"step": step, **evaluate(model, scored[first_split], spec, pad_id)})
         if progress is not None:
             progress(step, total_steps)
     train_seconds = time.perf_counter() - started
     peak = status_kb("VmHWM") if peak_ok else None
     diverged = not math.isfinite(losses[-1])
-    splits = {} if diverged else {name: scored_split(model, data, config.task, pad_id, train.labels)
+    splits = {} if diverged else {name: scored_split(model, data, spec, pad_id, train.labels)
                                   for name, data in scored.items()}
     final = {k: v for k, v in splits[first_split].items() if k not in ("predictions", "labels")} if splits else \
         {"score": float("nan"), "diverged": True}
@@ -239,7 +255,7 @@ def run(config: GlueRunConfig, rows: dict[str, list[dict]] | None = None, progre
         "score": final["score"],
         **splits,
         "retention": retention,
-        "retention_probe_held_out": config.task != "stsb",  # STS-B runs train on the probe's task
+        "retention_probe_held_out": spec.name != "stsb",  # STS-B runs train on the probe's task
         "train_examples": len(train),
         "eval_examples": len(scored[first_split]),
         "steps": len(losses),
@@ -260,7 +276,7 @@ def run(config: GlueRunConfig, rows: dict[str, list[dict]] | None = None, progre
 def pretrained_retention(config: GlueRunConfig, probe_rows: list[dict] | None = None) -> float:
     """The probe on the model before any finetuning (the same for every run of ``config.model``)."""
     torch.set_num_threads(config.threads)
-    model, tokenizer = load_model_and_tokenizer(config.model, TASKS[config.task].num_labels, config.lora_r)
+    model, tokenizer = load_model_and_tokenizer(config.model, config.spec.num_labels, config.lora_r)
     probe_rows = probe_rows if probe_rows is not None else load_task("stsb", config.data_dir)["validation"]
     return sts_spearman(model.base_model, tokenizer, SentencePairs.from_rows(probe_rows, config.probe_limit),
                         config.max_length)

@@ -19,6 +19,8 @@ class TaskSpec:
     text_fields: tuple[str, ...]
     num_labels: int  # 1: regression
     metric: str  # the metric averaged in the paper's Table 2
+    label_field: str = "label"
+    dataset: str | None = None  # your own data: a hub dataset name ("name" or "name:config") or a local folder
 
 
 TASKS: dict[str, TaskSpec] = {
@@ -30,34 +32,82 @@ TASKS: dict[str, TaskSpec] = {
 }
 
 
+METRICS = ("accuracy", "matthews", "pearson")
+
+
 class DataError(ValueError):
     """A task's data is missing or malformed."""
 
 
-def load_task(task: str, data_dir: str | Path | None = None) -> dict[str, list[dict]]:
-    """``{"train": [...], "validation": [...]}`` rows of ``task``: from ``data_dir/<task>/*.jsonl``
-    or, without ``data_dir``, from the hub's ``glue`` dataset."""
+def custom_task(dataset: str, text_fields: tuple[str, ...] | list[str], num_labels: int, label_field: str = "label",
+                metric: str | None = None) -> TaskSpec:
+    """A task on your own data: ``dataset`` is a hub dataset (``"imdb"``, ``"glue:qnli"``) or a local
+    folder holding ``train`` and ``validation`` files (``.jsonl``, ``.json`` or ``.csv``) with the
+    ``text_fields`` (one, or two for sentence pairs) and ``label_field`` (class ids, or a float for
+    ``num_labels=1``, regression). ``metric``: accuracy (default), matthews or pearson (regression)."""
+    text_fields = tuple(text_fields)
+    if not 1 <= len(text_fields) <= 2 or not all(isinstance(f, str) and f for f in text_fields):
+        raise DataError(f"text_fields must name one or two fields, got {list(text_fields)!r}")
+    if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
+        raise DataError(f"num_labels must be an int >= 1 (1: regression), got {num_labels!r}")
+    metric = metric or ("pearson" if num_labels == 1 else "accuracy")
+    regression = num_labels == 1
+    if metric not in METRICS or (metric == "pearson") != regression or (metric == "matthews" and num_labels != 2):
+        raise DataError(f"metric {metric!r} does not fit num_labels={num_labels} (accuracy or matthews for "
+                        "classes, matthews for two; pearson for regression)")
+    name = Path(dataset).name if Path(dataset).exists() else dataset.replace(":", "-").replace("/", "-")
+    return TaskSpec(name, text_fields, num_labels, metric, label_field, dataset)
+
+
+def as_spec(task: str | TaskSpec) -> TaskSpec:
+    if isinstance(task, TaskSpec):
+        return task
     if task not in TASKS:
         raise DataError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    return TASKS[task]
+
+
+def _local_files(folder: Path) -> dict[str, Path]:
+    found = {}
+    for split in ("train", "validation"):
+        candidates = [folder / f"{split}{ext}" for ext in (".jsonl", ".json", ".csv")]
+        found[split] = next((p for p in candidates if p.is_file()), candidates[0])
+    missing = [str(p) for p in found.values() if not p.is_file()]
+    if missing:
+        raise DataError(f"data folder lacks {', '.join(missing)}")
+    return found
+
+
+def load_task(task: str | TaskSpec, data_dir: str | Path | None = None) -> dict[str, list[dict]]:
+    """``{"train": [...], "validation": [...]}`` rows of ``task``. A GLUE name: from
+    ``data_dir/<task>/*.jsonl`` or, without ``data_dir``, the hub's ``glue`` dataset; a
+    :func:`custom_task`: from its local folder or hub dataset."""
+    spec = as_spec(task)
     import datasets
 
     datasets.utils.logging.disable_progress_bar()
-    if data_dir is not None:
-        folder = Path(data_dir) / task
-        files = {split: folder / f"{split}.jsonl" for split in ("train", "validation")}
-        missing = [str(p) for p in files.values() if not p.is_file()]
-        if missing:
-            raise DataError(f"data folder lacks {', '.join(missing)}")
-        loaded = datasets.load_dataset("json", data_files={k: str(v) for k, v in files.items()})
+    source = spec.dataset
+    if source is None and data_dir is not None:
+        source = str(Path(data_dir) / spec.name)
+        if not Path(source).is_dir():
+            _local_files(Path(source))  # names the missing files
+    if source is not None and Path(source).is_dir():
+        files = _local_files(Path(source))
+        kind = {".jsonl": "json", ".json": "json", ".csv": "csv"}[files["train"].suffix]
+        loaded = datasets.load_dataset(kind, data_files={k: str(v) for k, v in files.items()})
+    elif source is not None:
+        name, _, config = source.partition(":")
+        loaded = datasets.load_dataset(name, config or None)
+        if "validation" not in loaded:
+            raise DataError(f"{source} has no validation split (it has {', '.join(loaded)})")
     else:
-        loaded = datasets.load_dataset("glue", task)
-    spec = TASKS[task]
+        loaded = datasets.load_dataset("glue", spec.name)
     out = {}
     for split in ("train", "validation"):
         rows = loaded[split].to_list()
-        needed = set(spec.text_fields) | {"label"}
+        needed = set(spec.text_fields) | {spec.label_field}
         if not rows or not needed <= set(rows[0]):
-            raise DataError(f"{task} {split} rows need fields {', '.join(sorted(needed))}, "
+            raise DataError(f"{spec.name} {split} rows need fields {', '.join(sorted(needed))}, "
                             f"found {', '.join(sorted(rows[0])) if rows else 'no rows'}")
         out[split] = rows
     return out
@@ -85,7 +135,7 @@ def encode(rows: list[dict], spec: TaskSpec, tokenizer, max_length: int) -> Enco
     texts = [[row[f] for row in rows] for f in spec.text_fields]
     enc = tokenizer(*texts, truncation=True, max_length=max_length)
     dtype = torch.float32 if spec.num_labels == 1 else torch.long
-    labels = torch.tensor([row["label"] for row in rows], dtype=dtype)
+    labels = torch.tensor([row[spec.label_field] for row in rows], dtype=dtype)
     return Encoded(enc["input_ids"], enc.get("token_type_ids"), labels)
 
 
@@ -107,12 +157,13 @@ def collate(data: Encoded, indices: list[int], pad_id: int) -> dict[str, torch.T
     return batch
 
 
-def compute_metrics(task: str, predictions: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+def compute_metrics(task: str | TaskSpec, predictions: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """The GLUE metrics of ``task`` (scikit-learn / scipy); ``"score"`` is the one the paper averages."""
     from scipy.stats import pearsonr, spearmanr
     from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-    spec = TASKS[task]
+    spec = as_spec(task)
+    task = spec.name
     y = labels.numpy()
     if spec.num_labels == 1:
         p = predictions.reshape(-1).numpy()
@@ -120,9 +171,9 @@ def compute_metrics(task: str, predictions: torch.Tensor, labels: torch.Tensor) 
     else:
         p = predictions.argmax(-1).numpy()
         out = {"accuracy": float(accuracy_score(y, p))}
-        if task == "cola":
+        if spec.metric == "matthews" or task == "cola":
             out["matthews"] = float(matthews_corrcoef(y, p))
-        if task == "mrpc":
+        if task == "mrpc" or (spec.dataset is not None and spec.num_labels == 2):
             out["f1"] = float(f1_score(y, p))
     score = out[spec.metric]
     out["score"] = 0.0 if score != score else score  # constant predictions: correlation undefined -> 0
