@@ -168,3 +168,26 @@ def test_head_lr_puts_the_head_in_a_group_of_its_own():
 def test_bad_head_lr_is_refused(bad):
     with pytest.raises(ValueError, match="head_lr"):
         param_groups(torch.nn.Linear(3, 3), head_lr=bad)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_decoder_lm_head_dense_by_default_and_sparse_on_request(tied):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2,
+                                         tie_word_embeddings=tied))
+    embed, head = model.model.embed_tokens.weight, model.lm_head.weight
+    assert (embed is head) == tied
+
+    def dense_ids(groups):
+        return {id(p) for g in groups if not g["sparse"] for p in g["params"]}
+
+    # The paper's default: lm_head dense; tied, that puts the whole embedding on dense AdamW.
+    default = dense_ids(param_groups(model))
+    assert id(head) in default and (id(embed) in default) == tied
+    # head_names=() trains lm_head (and the embedding tied to it) sparsely; the norms stay dense.
+    sparse_head = dense_ids(param_groups(model, head_names=()))
+    assert id(head) not in sparse_head and id(embed) not in sparse_head
+    assert id(model.model.norm.weight) in sparse_head
