@@ -71,6 +71,38 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--no-retention", action="store_true",
                           help="skip the retention probe (zero-shot STS-B Spearman after training, about 15 s)")
 
+    sft = commands.add_parser("sft", help="supervised finetuning of a causal LM (GSM8K, the commonsense suite, or "
+                                          "your instruction/answer JSON Lines)")
+    sft.add_argument("--model", required=True, help="an AutoModelForCausalLM: hub name or local folder")
+    sft.add_argument("--format", choices=["gsm8k", "commonsense", "instruction"], default="gsm8k",
+                     help="gsm8k: openai/gsm8k (question, answer ending in '#### n'), exact match of the final "
+                          "number; commonsense: LLM-Adapters format (instruction, output, answer; train on "
+                          "commonsense_170k, evaluate BoolQ, PIQA, SIQA, HellaSwag, WinoGrande, ARC-e, ARC-c, OBQA), "
+                          "answer accuracy; instruction: your fields (--instruction-field, --answer-field)")
+    sft.add_argument("--train", default="openai/gsm8k:main",
+                     help="hub dataset ('openai/gsm8k:main'), a .jsonl file, or a folder with <split>.jsonl")
+    sft.add_argument("--eval", help="the same for evaluation (default: --train)")
+    sft.add_argument("--train-split", default="train")
+    sft.add_argument("--eval-split", default="test")
+    sft.add_argument("--instruction-field", default="instruction")
+    sft.add_argument("--answer-field", default="answer")
+    sft.add_argument("--optimizer", type=_name, default="nanoadam", help="a registry name")
+    sft.add_argument("--lr", type=_positive_float, default=1e-4)
+    sft.add_argument("--budget", choices=["quick", "paper"], default="quick",
+                     help="quick: 512 examples, 1 epoch, length 256 (a CPU check); paper: 3 epochs, batch 32, "
+                          "length 512, bf16, gradient checkpointing (for a GPU)")
+    sft.add_argument("--epochs", type=_positive_float)
+    sft.add_argument("--max-steps", type=_positive_int)
+    sft.add_argument("--eval-limit", type=_positive_int)
+    sft.add_argument("--peft", choices=["lora"])
+    sft.add_argument("--lora-r", type=_positive_int, default=32)
+    sft.add_argument("--bf16", action="store_true", help="bf16 weights (NanoAdam rounds its updates stochastically)")
+    sft.add_argument("--gradient-checkpointing", action="store_true")
+    sft.add_argument("--step-in-backward", action="store_true", help="NanoAdam only: update inside backward()")
+    sft.add_argument("--seed", type=int, default=0)
+    sft.add_argument("--threads", type=_positive_int, default=2)
+    sft.add_argument("--out", type=Path, default=Path("results/sft"))
+
     compare = commands.add_parser("compare", help="optimizers x GLUE tasks: one recipe, LR tuned on held-out data, "
                                                   "5 seeds, paired intervals against AdamW, retention probe")
     compare.add_argument("--tasks", type=_task_list, default=None, help=f"comma-separated, default all: {tasks}")
@@ -315,6 +347,65 @@ def _finetune(args) -> int:
     return 0
 
 
+def _check_causal_lm(model: str) -> None:
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model)
+    except Exception as e:
+        raise UsageError(f"nanoadam sft: cannot load model {model!r} ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    architectures = config.architectures or []
+    if not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        raise UsageError(f"nanoadam sft: {model!r} is not a causal LM (architectures: "
+                         f"{', '.join(architectures) or 'none'}); give an AutoModelForCausalLM")
+
+
+def _sft(args) -> int:
+    tqdm = _require("tqdm.auto", "cli").tqdm
+    from .experiments.glue_data import DataError
+    from .experiments.sft import BUDGETS, SFTConfig, run
+    from .experiments.sft_data import load_rows, sft_format
+
+    _check_causal_lm(args.model)
+    settings = {k: v for k, v in BUDGETS[args.budget].items()}
+    settings.update({k: v for k, v in (("epochs", args.epochs), ("eval_limit", args.eval_limit)) if v})
+    if args.bf16:
+        settings["bf16"] = True
+    if args.gradient_checkpointing:
+        settings["gradient_checkpointing"] = True
+    try:
+        config = SFTConfig(model=args.model, optimizer=args.optimizer, lr=args.lr, format=args.format,
+                           train=args.train, eval=args.eval, train_split=args.train_split,
+                           eval_split=args.eval_split, instruction_field=args.instruction_field,
+                           answer_field=args.answer_field, max_steps=args.max_steps, seed=args.seed,
+                           step_in_backward=args.step_in_backward, threads=args.threads,
+                           lora_r=args.lora_r if args.peft == "lora" else None, **settings)
+        fmt = sft_format(config.format, config.instruction_field, config.answer_field)
+        load_rows(config.train, config.train_split, fmt, 1)
+        load_rows(config.eval or config.train, config.eval_split, fmt, 1)
+    except (ValueError, DataError) as e:
+        raise UsageError(f"nanoadam sft: {e}") from None
+    except Exception as e:  # datasets/hub errors: no network, unknown dataset
+        raise UsageError(f"nanoadam sft: cannot load data ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    name = f"{Path(args.model).name}-{config.format}-{args.optimizer}-lr{config.lr:g}-seed{config.seed}"
+    if (args.out / f"{name}.json").exists():
+        print(f"{args.out / name}.json exists: skipped (delete it to rerun)")
+        return 0
+    with tqdm(desc=f"sft {config.format} {args.optimizer}", unit="step") as bar:
+        def progress(step, total):
+            bar.total = total
+            bar.update(1)
+        result = run(config, progress=progress)
+    table = "\n".join(["| model | format | optimizer | lr | steps | final loss | accuracy | eval examples |",
+                       "|---|---|---|---|---|---|---|---|",
+                       f"| {args.model} | {config.format} | {args.optimizer} | {config.lr:g} | {result['steps']} | "
+                       f"{result['loss_curve'][-1]:.4f} | {100 * result['accuracy']:.2f} % | "
+                       f"{result['eval_examples']} |"])
+    return _publish(args.out, name, result, table, f"Supervised finetuning ({config.format}) with {args.optimizer}")
+
+
 def _compare(args) -> int:
     tqdm = _require("tqdm.auto", "cli").tqdm
     from .experiments.compare import CompareConfig, run_compare
@@ -535,6 +626,8 @@ def main(argv: list[str] | None = None) -> int:
             return _finetune(args)
         if args.command == "compare":
             return _compare(args)
+        if args.command == "sft":
+            return _sft(args)
         if args.command == "reproduce":
             handlers = {"toy": _reproduce_toy, "correlation": _reproduce_correlation,
                         "ablation": _reproduce_ablation, "forgetting": _reproduce_forgetting}

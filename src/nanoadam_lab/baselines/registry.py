@@ -174,23 +174,26 @@ def _microadam(model, lr, total_steps, *, betas, eps, weight_decay, m, density, 
 
 
 def _nanoadam(model, lr, total_steps, *, betas, eps, weight_decay, density, mask_interval, chunk_size, selection,
-              state_dtype, final_density, density_interval, fused, principal_rank):
+              state_dtype, final_density, density_interval, fused, principal_rank, stochastic_rounding):
     groups = param_groups(model)
+    if stochastic_rounding is None:  # bf16 weights: write updates back unbiased (below half a bf16 step too)
+        stochastic_rounding = any(p.dtype == torch.bfloat16 for g in groups for p in g["params"])
     opt = NanoAdam(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, density=density,
                    mask_interval=mask_interval, chunk_size=chunk_size, selection=selection, state_dtype=state_dtype,
-                   fused=fused, principal_rank=principal_rank)
+                   fused=fused, principal_rank=principal_rank, stochastic_rounding=stochastic_rounding)
     schedulers = []
     if final_density is not None:
         if total_steps is None:
             raise ValueError("final_density needs total_steps (the density decays linearly over the run)")
         schedulers.append(DensityScheduler(opt, final_density=final_density, total_steps=total_steps,
                                            interval=density_interval))
-    return OptimizerBundle(opt, schedulers)
+    return OptimizerBundle(opt, schedulers, hyperparameters={"stochastic_rounding": stochastic_rounding})
 
 
 _ADAM = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
 _NANO = dict(_ADAM, density=0.1, mask_interval=100, chunk_size=4096, selection="small_weights",
-             state_dtype=torch.bfloat16, final_density=None, density_interval=None, fused=None, principal_rank=8)
+             state_dtype=torch.bfloat16, final_density=None, density_interval=None, fused=None, principal_rank=8,
+             stochastic_rounding=None)
 
 REGISTRY: dict[str, OptimizerSpec] = {
     spec.name: spec
