@@ -250,3 +250,55 @@ def test_finetune_on_your_own_files(tmp_path, capsys):
         assert match in err and err.count("\n") == 1, err
     assert main(["finetune", "--optimizer", "adamw"]) == 2
     assert "--task" in capsys.readouterr().err
+
+
+def test_own_labels_are_checked_before_training(tmp_path):
+    from nanoadam_lab.experiments.glue_data import DataError, custom_task, load_task
+
+    for split in ("train", "validation"):
+        (tmp_path / f"{split}.jsonl").write_text('{"t": "a", "y": 0}\n{"t": "b", "y": 3}\n')
+    with pytest.raises(DataError, match="row 1: y=3 is not a class id in 0..1"):
+        load_task(custom_task(str(tmp_path), ["t"], 2, "y"))
+    assert len(load_task(custom_task(str(tmp_path), ["t"], 4, "y"))["validation"]) == 2
+
+
+def test_summary_keeps_only_the_runs_of_the_chosen_tied_rate(tmp_path):
+    def write(opt, lr, seed, score, **overrides):
+        name = "".join(f"-{k}{v:g}" for k, v in overrides.items())
+        _write_atomic(tmp_path / "runs" / "rte" / opt / f"lr{lr:g}{name}-seed{seed}.json", {
+            "score": score, "metrics": {"score": score, "loss": 1.0}, "retention": 0.7, "train_seconds": 1.0,
+            "config": {"lr": lr, "seed": seed, "optimizer_overrides": overrides},
+            "validation": {"score": score}, "heldout": {"score": score, "labels": [0]},
+            "median_step_s": 1.0, "median_optimizer_step_s": 0.1, "peak_memory_increase_mb": None,
+            "untouched_fraction": 0.0, "l2_shift": 1.0, "steps": 1, "train_examples": 1})
+    for seed in range(2):
+        write("nanoadam", 1e-3, seed, 0.6)
+        write("adamw-headlr", 1e-4, seed, 0.7, head_lr=1e-3)
+        write("adamw-headlr", 1e-4, seed, 0.1, head_lr=3e-4)  # left by an earlier choice of NanoAdam's rate
+    write("adamw-headlr", 1e-4, 7, 0.1, head_lr=1e-3)  # a seed beyond this comparison's
+    from nanoadam_lab.experiments.compare import summarize
+
+    config = CompareConfig(tasks=["rte"], optimizers=["nanoadam", "adamw-headlr"], seeds=2, out=str(tmp_path),
+                           lr_grids={"nanoadam": [1e-3], "adamw-headlr": [1e-4]}, max_extensions=0)
+    cell = summarize(config)["tasks"]["rte"]["cells"]["adamw-headlr"]
+    assert cell["seeds"] == [0, 1] and cell["scores"] == [0.7, 0.7]
+
+
+def test_a_search_where_every_run_failed_chooses_nothing(tmp_path, monkeypatch):
+    config = CompareConfig(tasks=["rte"], optimizers=["adamw"], seeds=2, out=str(tmp_path),
+                           lr_grids={"adamw": [1e-4, 1e-3]}, max_extensions=3, overrides={"retention_probe": False})
+    calls = []
+    from nanoadam_lab.experiments import compare
+    monkeypatch.setattr(compare, "summarize", lambda config: {})
+    run_compare(config, execute=_fake_runs(calls, tmp_path, lambda c: float("nan")))
+    assert calls == ["adamw/lr0.0001-seed0.json", "adamw/lr0.001-seed0.json"]  # no extensions, no seeds
+    assert next_rate({1e-4: {"score": 0.5}, 1.0001e-4: {"score": 0.4}}, [1e-4, 1.0001e-4], 3) is None
+
+
+def test_retention_probe_runs_under_lora(tmp_path):
+    pytest.importorskip("peft")
+    from nanoadam_lab.experiments.glue import GlueRunConfig
+
+    result = run(GlueRunConfig(task="rte", optimizer="nanoadam", lr=1e-3, data_dir=DATA, lora_r=4,
+                               **{**TINY, "max_steps": 1}))
+    assert -1 <= result["retention"] <= 1

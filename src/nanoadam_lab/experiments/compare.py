@@ -28,6 +28,7 @@ import multiprocessing
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from queue import Empty
 from typing import Any
 
 from .._io import atomic_write_json
@@ -170,10 +171,17 @@ class RunExecutor:
         queue = self.ctx.Queue()
         proc = self.ctx.Process(target=_child, args=(asdict(config), str(path), queue))
         proc.start()
+        message, received = None, False
+        while not received:  # read before joining: a child blocks on exit until its message is read
+            try:
+                message, received = queue.get(timeout=1.0), True
+            except Empty:
+                if not proc.is_alive():
+                    break
         proc.join()
         if proc.exitcode != 0:
-            return f"run process exited with code {proc.exitcode}"
-        return queue.get()
+            return message or f"run process exited with code {proc.exitcode}"
+        return message
 
 
 def _heldout_loss(result: dict) -> float:
@@ -203,11 +211,15 @@ def next_rate(tried: dict[float, dict], grid: list[float], max_extensions: int) 
     if len(rates) - len(set(grid)) >= max_extensions or len(rates) < 2:
         return None
     best = best_lr(tried)
+    if tried[best]["score"] != tried[best]["score"]:
+        return None  # every run failed or diverged: nothing to follow
     if best == rates[0]:
-        return float(f"{rates[0] * rates[0] / rates[1]:.3g}")
-    if best == rates[-1]:
-        return float(f"{rates[-1] * rates[-1] / rates[-2]:.3g}")
-    return None
+        step = float(f"{rates[0] * rates[0] / rates[1]:.3g}")
+    elif best == rates[-1]:
+        step = float(f"{rates[-1] * rates[-1] / rates[-2]:.3g}")
+    else:
+        return None
+    return None if step in tried else step  # rounding can land on a tried rate
 
 
 class RunLedger:
@@ -290,11 +302,13 @@ def run_compare(config: CompareConfig, execute=None, progress=None) -> dict:
     planned = len(config.tasks) * sum(len(config.lr_grids[o]) + config.seeds - 1 for o in config.optimizers)
     ledger = RunLedger(planned, execute, progress)
     probe = config.run_config(config.tasks[0], config.optimizers[0], 1.0, 0)
-    if probe.retention_probe and not (out / "pretrained.json").exists():
+    recorded = _load(out / "pretrained.json")
+    settings = {"model": config.model, "probe_limit": probe.probe_limit, "max_length": probe.max_length,
+                "lora_r": config.lora_r}
+    if probe.retention_probe and (recorded is None or {k: recorded.get(k) for k in settings} != settings):
         from .glue import pretrained_retention
 
-        _write_atomic(out / "pretrained.json", {"retention": pretrained_retention(probe), "model": config.model,
-                                                 "probe_limit": probe.probe_limit})
+        _write_atomic(out / "pretrained.json", {"retention": pretrained_retention(probe), **settings})
     for task in config.tasks:
         tried: dict[str, dict[float, dict]] = {o: {} for o in config.optimizers}
         chosen: dict[str, float | None] = {}
@@ -314,7 +328,8 @@ def run_compare(config: CompareConfig, execute=None, progress=None) -> dict:
                     continue
                 lr = next_rate(tried[optimizer], config.lr_grids[optimizer], config.max_extensions)
                 if lr is None:
-                    chosen[optimizer] = best_lr(tried[optimizer]) if tried[optimizer] else None
+                    found = {r: x for r, x in tried[optimizer].items() if x["score"] == x["score"]}
+                    chosen[optimizer] = best_lr(found) if found else None  # None: every run failed
                     progressed = True
                     continue
                 result = ledger.ensure(config.run_config(task, optimizer, lr, 0, ties),
@@ -361,12 +376,20 @@ def _grid_row(run: dict) -> dict:
             "optimizer_overrides": run["config"]["optimizer_overrides"]}
 
 
-def _cell(runs: list[dict], grid: list[float], max_extensions: int) -> dict | None:
-    """One optimizer on one task: its search (seed 0 of every rate), the chosen rate and its seeds."""
+def _cell(runs: list[dict], grid: list[float], max_extensions: int, seeds: int,
+          tied: dict[str, float] | None = None) -> dict | None:
+    """One optimizer on one task: its search (seed 0 of every rate), the chosen rate and its seeds.
+    Only runs of this comparison count: seeds below ``seeds`` and, for an optimizer that takes a
+    rate from another's choice, runs made with the rate chosen now (``tied``)."""
+    runs = [r for r in runs if r["config"]["seed"] < seeds and all(
+        r["config"]["optimizer_overrides"].get(k) == v for k, v in (tied or {}).items())]
     tuning = {r["config"]["lr"]: r for r in runs if r["config"]["seed"] == 0}
     if not tuning or next_rate(tuning, grid, max_extensions) is not None:
         return None  # the search has not settled yet
-    lr = best_lr(tuning)
+    found = {rate: r for rate, r in tuning.items() if r["score"] == r["score"]}
+    if not found:
+        return None  # every rate failed
+    lr = best_lr(found)  # as run_compare chooses
     finals = sorted((r for r in runs if r["config"]["lr"] == lr and "validation" in r),
                     key=lambda r: r["config"]["seed"])
     rates = sorted(tuning)
@@ -438,13 +461,20 @@ def summarize(config: CompareConfig) -> dict:
     finished_runs, train_seconds_total = 0, 0.0
     for task in config.tasks:
         cells = {}
-        for optimizer in config.optimizers:
+        # Optimizers that take a rate from another's choice come after the one they take it from.
+        ordered = sorted(config.optimizers, key=lambda o: o in config.rate_ties)
+        for optimizer in ordered:
             runs = _runs(out, task, optimizer)
             finished_runs += len(runs)
             train_seconds_total += sum(r["train_seconds"] for r in runs)
-            cell = _cell(runs, config.lr_grids[optimizer], config.max_extensions)
+            ties = config.rate_ties.get(optimizer, {})
+            if any(other not in cells for other in ties.values()):
+                continue  # the rate it takes is not chosen yet
+            tied = {key: cells[other]["lr"] for key, other in ties.items()}
+            cell = _cell(runs, config.lr_grids[optimizer], config.max_extensions, config.seeds, tied)
             if cell is not None:
                 cells[optimizer] = cell
+        cells = {o: cells[o] for o in config.optimizers if o in cells}
         if "adamw" in cells:
             for optimizer, cell in cells.items():
                 if optimizer != "adamw":

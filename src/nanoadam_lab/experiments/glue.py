@@ -192,6 +192,8 @@ def run(config: GlueRunConfig, rows: dict[str, list[dict]] | None = None, progre
     torch.set_num_threads(config.threads)
     spec = config.spec
     rows = rows if rows is not None else load_task(spec, config.data_dir)
+    if config.retention_probe and probe_rows is None:  # loaded before training: a missing probe set fails early
+        probe_rows = load_task("stsb", config.data_dir)["validation"]
     torch.manual_seed(config.seed)
     model, tokenizer = load_model_and_tokenizer(config.model, spec.num_labels, config.lora_r)
     train, scored = split_data(config, rows, tokenizer)
@@ -239,16 +241,16 @@ def run(config: GlueRunConfig, rows: dict[str, list[dict]] | None = None, progre
     train_seconds = time.perf_counter() - started
     peak = status_kb("VmHWM") if peak_ok else None
     diverged = not math.isfinite(losses[-1])
-    splits = {} if diverged else {name: scored_split(model, data, spec, pad_id, train.labels)
-                                  for name, data in scored.items()}
-    final = {k: v for k, v in splits[first_split].items() if k not in ("predictions", "labels")} if splits else \
-        {"score": float("nan"), "diverged": True}
+    # The final checkpoint is scored, diverged or not (non-finite logits predict what argmax makes
+    # of them), so a diverged seed counts in every mean and paired difference instead of vanishing.
+    splits = {name: {**scored_split(model, data, spec, pad_id, train.labels), "diverged": diverged}
+              for name, data in scored.items()}
+    final = {k: v for k, v in splits[first_split].items() if k not in ("predictions", "labels")}
     eval_curve.append({"step": len(losses), **final})
     retention = None
     if config.retention_probe and not diverged:
-        probe_rows = probe_rows if probe_rows is not None else load_task("stsb", config.data_dir)["validation"]
-        retention = sts_spearman(model.base_model, tokenizer, SentencePairs.from_rows(probe_rows, config.probe_limit),
-                                 config.max_length)
+        retention = sts_spearman(encoder_of(model), tokenizer,
+                                 SentencePairs.from_rows(probe_rows, config.probe_limit), config.max_length)
     return {
         "config": asdict(config),
         "metrics": final,
@@ -273,10 +275,16 @@ def run(config: GlueRunConfig, rows: dict[str, list[dict]] | None = None, progre
     }
 
 
+def encoder_of(model) -> torch.nn.Module:
+    """The transformer body under a classification head (through a peft wrapper too)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.base_model
+
+
 def pretrained_retention(config: GlueRunConfig, probe_rows: list[dict] | None = None) -> float:
     """The probe on the model before any finetuning (the same for every run of ``config.model``)."""
     torch.set_num_threads(config.threads)
     model, tokenizer = load_model_and_tokenizer(config.model, config.spec.num_labels, config.lora_r)
     probe_rows = probe_rows if probe_rows is not None else load_task("stsb", config.data_dir)["validation"]
-    return sts_spearman(model.base_model, tokenizer, SentencePairs.from_rows(probe_rows, config.probe_limit),
+    return sts_spearman(encoder_of(model), tokenizer, SentencePairs.from_rows(probe_rows, config.probe_limit),
                         config.max_length)

@@ -93,8 +93,9 @@ def load_task(task: str | TaskSpec, data_dir: str | Path | None = None) -> dict[
             _local_files(Path(source))  # names the missing files
     if source is not None and Path(source).is_dir():
         files = _local_files(Path(source))
-        kind = {".jsonl": "json", ".json": "json", ".csv": "csv"}[files["train"].suffix]
-        loaded = datasets.load_dataset(kind, data_files={k: str(v) for k, v in files.items()})
+        kinds = {".jsonl": "json", ".json": "json", ".csv": "csv"}
+        loaded = {split: datasets.load_dataset(kinds[f.suffix], data_files=str(f), split="train")
+                  for split, f in files.items()}
     elif source is not None:
         name, _, config = source.partition(":")
         loaded = datasets.load_dataset(name, config or None)
@@ -109,8 +110,23 @@ def load_task(task: str | TaskSpec, data_dir: str | Path | None = None) -> dict[
         if not rows or not needed <= set(rows[0]):
             raise DataError(f"{spec.name} {split} rows need fields {', '.join(sorted(needed))}, "
                             f"found {', '.join(sorted(rows[0])) if rows else 'no rows'}")
+        if spec.dataset is not None:
+            _check_labels(spec, split, rows)
         out[split] = rows
     return out
+
+
+def _check_labels(spec: TaskSpec, split: str, rows: list[dict]) -> None:
+    """Own data: class ids in [0, num_labels) or, for regression, numbers; named when wrong."""
+    for i, row in enumerate(rows):
+        label = row[spec.label_field]
+        if spec.num_labels == 1:
+            ok = isinstance(label, (int, float)) and not isinstance(label, bool)
+        else:
+            ok = isinstance(label, int) and not isinstance(label, bool) and 0 <= label < spec.num_labels
+        if not ok:
+            expected = "a number" if spec.num_labels == 1 else f"a class id in 0..{spec.num_labels - 1}"
+            raise DataError(f"{spec.name} {split} row {i}: {spec.label_field}={label!r} is not {expected}")
 
 
 @dataclass
