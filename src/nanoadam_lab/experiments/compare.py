@@ -460,7 +460,7 @@ def summarize(config: CompareConfig) -> dict:
     tasks: dict[str, dict[str, Any]] = {}
     finished_runs, train_seconds_total = 0, 0.0
     for task in config.tasks:
-        cells = {}
+        cells, partial = {}, {}
         # Optimizers that take a rate from another's choice come after the one they take it from.
         ordered = sorted(config.optimizers, key=lambda o: o in config.rate_ties)
         for optimizer in ordered:
@@ -474,6 +474,9 @@ def summarize(config: CompareConfig) -> dict:
             cell = _cell(runs, config.lr_grids[optimizer], config.max_extensions, config.seeds, tied)
             if cell is not None:
                 cells[optimizer] = cell
+            elif runs:  # still searching: what is finished, for the record
+                partial[optimizer] = [_grid_row(r) for r in sorted(runs, key=lambda r: r["config"]["lr"])
+                                      if r["config"]["seed"] == 0]
         cells = {o: cells[o] for o in config.optimizers if o in cells}
         if "adamw" in cells:
             for optimizer, cell in cells.items():
@@ -484,7 +487,7 @@ def summarize(config: CompareConfig) -> dict:
         task_gate = gate(task, cells, config.seeds)
         for cell in cells.values():
             cell.pop("_finals")
-        tasks[task] = {"gate": task_gate, "cells": cells}
+        tasks[task] = {"gate": task_gate, "cells": cells, "searching": partial}
     pretrained = _load(out / "pretrained.json")
     return {"config": asdict(config), "budget_note": BUDGET_NOTES[config.budget],
             "pretrained_retention": pretrained["retention"] if pretrained else None, "tasks": tasks,

@@ -58,7 +58,10 @@ def glue_table(summary: dict) -> str:
         for opt in config["optimizers"]:
             c = cells.get(opt)
             if c is None:
-                lines.append(f"| {opt} | (running) |" + " |" * 9)
+                done = entry.get("searching", {}).get(opt, [])
+                runs = "; ".join(f"{r['lr']:g}: held-out {_pct(r['heldout'])}, validation {_pct(r['validation'])}, "
+                                 f"retention {_pct(r['retention'])}" for r in done)
+                lines.append(f"| {opt} | searching ({runs or 'no run finished'}) |" + " |" * 9)
                 continue
             vs = c.get("vs_adamw", {})
             lr = f"{c['lr']:g}" + (" (edge)" if c["at_edge"] else "")
