@@ -125,3 +125,21 @@ def test_retention_at_equal_score_reads_the_reference_frontier():
     assert out["n"] == 4 and out["seeds_above_front"] == 1
     assert out["mean"] == pytest.approx((0.05 + 0.05 + 0.03 + 0.04) / 4)
     assert out["verdict"] == "higher"
+
+
+def test_shuffled_batches_follow_the_seed_alone_across_passes():
+    from nanoadam_lab.experiments.recipe import shuffled_batches
+
+    def reference(n, batch_size, seed, steps):  # the loop the runs of 2026-12-02 were made with
+        gen, order, out = torch.Generator().manual_seed(seed), [], []
+        for _ in range(steps):
+            if len(order) < batch_size:
+                order += torch.randperm(n, generator=gen).tolist()
+            out.append(order[:batch_size])
+            order = order[batch_size:]
+        return out
+
+    batches = shuffled_batches(10, 4, seed=3)
+    got = [next(batches) for _ in range(9)]
+    assert got == reference(10, 4, 3, 9)
+    assert sorted(sum(got[:2], []) + got[2][:2]) == list(range(10))  # the first pass, then the next

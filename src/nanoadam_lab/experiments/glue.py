@@ -31,7 +31,7 @@ from .._io import reset_peak_rss, status_kb
 from ..analysis.shift import backbone_snapshot, shift_report
 from ..baselines import build_optimizer
 from .glue_data import TASKS, Encoded, TaskSpec, as_spec, collate, compute_metrics, custom_task, encode, load_task
-from .recipe import Recipe
+from .recipe import Recipe, shuffled_batches
 from .retention import SentencePairs, sts_spearman
 
 DEFAULT_MODEL = "minilm"
@@ -207,8 +207,7 @@ def run(config: GlueRunConfig, rows: dict[str, list[dict]] | None = None, progre
     trainable = [p for p in model.parameters() if p.requires_grad]
     snapshot = backbone_snapshot(model)
     pad_id = tokenizer.pad_token_id or 0
-    gen = torch.Generator().manual_seed(config.seed)
-    order: list[int] = []
+    batches = shuffled_batches(len(train), config.batch_size, config.seed)
     eval_at = {round(total_steps * (i + 1) / (config.eval_points + 1)) for i in range(config.eval_points)}
 
     rss_before = status_kb("VmRSS")
@@ -218,10 +217,7 @@ def run(config: GlueRunConfig, rows: dict[str, list[dict]] | None = None, progre
     started = time.perf_counter()
     for step in range(1, total_steps + 1):
         t0 = time.perf_counter()
-        if len(order) < config.batch_size:
-            order += torch.randperm(len(train), generator=gen).tolist()
-        indices, order = order[: config.batch_size], order[config.batch_size:]
-        loss = model(**collate(train, indices, pad_id)).loss
+        loss = model(**collate(train, next(batches), pad_id)).loss
         loss.backward()
         grad_norms.append(recipe.clip(trainable))
         t1 = time.perf_counter()

@@ -4,7 +4,7 @@ trains, so that no comparison gives one optimizer a schedule the others lack."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -44,3 +44,16 @@ class Recipe:
             return None
         grads = [p for p in params if p.grad is not None]
         return float(torch.nn.utils.clip_grad_norm_(grads, self.clip_norm)) if grads else 0.0
+
+
+def shuffled_batches(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
+    """Batches of example indices, endlessly: each pass is a permutation drawn from a generator
+    seeded with ``seed`` alone, so every optimizer sees the same batches for a given seed; a pass's
+    last partial batch is filled from the next pass."""
+    gen = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    while True:
+        if len(order) < batch_size:
+            order += torch.randperm(n, generator=gen).tolist()
+        batch, order = order[:batch_size], order[batch_size:]
+        yield batch

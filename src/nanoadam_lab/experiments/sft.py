@@ -21,7 +21,7 @@ import torch
 
 from .._io import reset_peak_rss, status_kb
 from ..baselines import build_optimizer
-from .recipe import Recipe
+from .recipe import Recipe, shuffled_batches
 from .sft_data import encode_example, load_rows, sft_format
 
 # The paper's LLM settings (Appendix H: GSM8K 3 epochs, global batch 32, length 512; the
@@ -142,8 +142,7 @@ def run(config: SFTConfig, progress=None) -> dict:
             raise ValueError(f"step_in_backward needs NanoAdam; {config.optimizer} has no such mode")
         bundle.optimizer.step_in_backward(max_grad_norm_per_tensor=config.clip_norm)
     pad_id = _pad_id(tokenizer)
-    gen = torch.Generator().manual_seed(config.seed)
-    order: list[int] = []
+    batches = shuffled_batches(len(examples), config.batch_size, config.seed)
     losses, step_times = [], []
     rss_before = status_kb("VmRSS")
     peak_ok = reset_peak_rss()
@@ -151,10 +150,7 @@ def run(config: SFTConfig, progress=None) -> dict:
     started = time.perf_counter()
     for step in range(1, total_steps + 1):
         t0 = time.perf_counter()
-        if len(order) < config.batch_size:
-            order += torch.randperm(len(examples), generator=gen).tolist()
-        batch, order = order[: config.batch_size], order[config.batch_size:]
-        loss = model(**collate([examples[i] for i in batch], pad_id)).loss
+        loss = model(**collate([examples[i] for i in next(batches)], pad_id)).loss
         loss.backward()
         if not config.step_in_backward:
             recipe.clip(trainable)
