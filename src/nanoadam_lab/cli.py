@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("--step-in-backward", action="store_true", help="NanoAdam only: update inside backward()")
     sft.add_argument("--seed", type=int, default=0)
     sft.add_argument("--threads", type=_positive_int, default=2)
+    sft.add_argument("--save-every", type=_positive_int, default=200,
+                     help="steps between checkpoints in --out; a rerun resumes from one, bit for bit")
     sft.add_argument("--out", type=Path, default=Path("results/sft"))
 
     compare = commands.add_parser("compare", help="optimizers x GLUE tasks: one recipe, LR tuned on held-out data, "
@@ -397,13 +399,17 @@ def _sft(args) -> int:
         def progress(step, total):
             bar.total = total
             bar.update(1)
-        result = run(config, progress=progress)
+        args.out.mkdir(parents=True, exist_ok=True)
+        checkpoint = args.out / f"{name}.ckpt"
+        result = run(config, progress=progress, checkpoint=checkpoint, save_every=args.save_every)
     table = "\n".join(["| model | format | optimizer | lr | steps | final loss | accuracy | eval examples |",
                        "|---|---|---|---|---|---|---|---|",
                        f"| {args.model} | {config.format} | {args.optimizer} | {config.lr:g} | {result['steps']} | "
                        f"{result['loss_curve'][-1]:.4f} | {100 * result['accuracy']:.2f} % | "
                        f"{result['eval_examples']} |"])
-    return _publish(args.out, name, result, table, f"Supervised finetuning ({config.format}) with {args.optimizer}")
+    _publish(args.out, name, result, table, f"Supervised finetuning ({config.format}) with {args.optimizer}")
+    checkpoint.unlink(missing_ok=True)  # the result is written: the checkpoint has done its job
+    return 0
 
 
 def _compare(args) -> int:

@@ -12,9 +12,11 @@ answer word, or the stripped answer.
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -122,7 +124,24 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int) 
     return out
 
 
-def run(config: SFTConfig, progress=None) -> dict:
+def _save_checkpoint(path: Path, step: int, model, bundle, schedule, losses, step_times) -> None:
+    """Everything a resumed run needs to continue bit for bit, as tensors and plain containers
+    (``torch.load(weights_only=True)`` reads it): weights, optimizer, LR and density schedules,
+    the dropout generator, the step and the curves so far."""
+    state = {"step": step, "model": model.state_dict(), "optimizer": bundle.optimizer.state_dict(),
+             "schedule": schedule.state_dict(),
+             "schedulers": [sch.state_dict() for sch in bundle.schedulers], "rng": torch.get_rng_state(),
+             "losses": losses, "step_times": step_times}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def run(config: SFTConfig, progress=None, checkpoint: str | os.PathLike | None = None,
+        save_every: int | None = None) -> dict:
+    """Trains and scores once. With ``checkpoint``, saves there every ``save_every`` steps and, when
+    the file exists at the start, resumes from it (bit for bit: the same result as an
+    uninterrupted run)."""
     torch.set_num_threads(config.threads)
     fmt = sft_format(config.format, config.instruction_field, config.answer_field)
     train_rows = load_rows(config.train, config.train_split, fmt, config.train_limit)
@@ -137,18 +156,30 @@ def run(config: SFTConfig, progress=None) -> dict:
     recipe = Recipe(config.warmup_fraction, config.clip_norm)
     schedule = recipe.scheduler(bundle.optimizer, total_steps)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    if config.step_in_backward:
-        if not hasattr(bundle.optimizer, "step_in_backward"):
-            raise ValueError(f"step_in_backward needs NanoAdam; {config.optimizer} has no such mode")
-        bundle.optimizer.step_in_backward(max_grad_norm_per_tensor=config.clip_norm)
+    if config.step_in_backward and not hasattr(bundle.optimizer, "step_in_backward"):
+        raise ValueError(f"step_in_backward needs NanoAdam; {config.optimizer} has no such mode")
     pad_id = _pad_id(tokenizer)
     batches = shuffled_batches(len(examples), config.batch_size, config.seed)
-    losses, step_times = [], []
+    losses, step_times, first = [], [], 1
+    checkpoint = Path(checkpoint) if checkpoint is not None else None
+    if checkpoint is not None and checkpoint.exists():
+        saved = torch.load(checkpoint, weights_only=True)
+        model.load_state_dict(saved["model"])
+        bundle.optimizer.load_state_dict(saved["optimizer"])
+        schedule.load_state_dict(saved["schedule"])
+        for sch, state in zip(bundle.schedulers, saved["schedulers"]):
+            sch.load_state_dict(state)
+        torch.set_rng_state(saved["rng"])
+        losses, step_times, first = list(saved["losses"]), list(saved["step_times"]), saved["step"] + 1
+        for _ in range(saved["step"]):  # the batches already trained on
+            next(batches)
+    if config.step_in_backward:  # hooks go on after any load (a load replaces the optimizer's state)
+        bundle.optimizer.step_in_backward(max_grad_norm_per_tensor=config.clip_norm)
     rss_before = status_kb("VmRSS")
     peak_ok = reset_peak_rss()
     model.train()
     started = time.perf_counter()
-    for step in range(1, total_steps + 1):
+    for step in range(first, total_steps + 1):
         t0 = time.perf_counter()
         loss = model(**collate([examples[i] for i in next(batches)], pad_id)).loss
         loss.backward()
@@ -164,6 +195,8 @@ def run(config: SFTConfig, progress=None) -> dict:
         step_times.append(time.perf_counter() - t0)
         if not math.isfinite(losses[-1]):
             break
+        if checkpoint is not None and save_every and step % save_every == 0 and step < total_steps:
+            _save_checkpoint(checkpoint, step, model, bundle, schedule, losses, step_times)
         if progress is not None:
             progress(step, total_steps)
     train_seconds = time.perf_counter() - started
