@@ -46,3 +46,13 @@ def test_reproduce_bad_input(argv, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_bench_decoder_tiny_pairs_blocks(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    assert main(["bench", "decoder", "--hidden", "64", "--layers", "1", "--blocks", "2", "--steps-per-block", "1",
+                 "--threads", "1", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "decoder.json").read_text())
+    adamw, nano = result["results"]["adamw"], result["results"]["nanoadam"]
+    assert adamw["block_ratios"] == [1.0, 1.0] and len(nano["block_ratios"]) == 2 and nano["ratio_to_adamw"] > 0
+    assert "x adamw" in capsys.readouterr().out and "command" in result

@@ -199,6 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
     backward.add_argument("--steps", type=_positive_int, default=2)
     backward.add_argument("--threads", type=_positive_int, default=2)
     backward.add_argument("--out", type=Path, help="write backward.json and backward.md here")
+    decoder = bench_kinds.add_parser("decoder", help="end-to-end step time on a LLaMA-style decoder (134 M), "
+                                                     "NanoAdam vs fused AdamW taking turns")
+    decoder.add_argument("--blocks", type=_positive_int, default=5)
+    decoder.add_argument("--steps-per-block", type=_positive_int, default=3)
+    decoder.add_argument("--hidden", type=_positive_int, default=768)
+    decoder.add_argument("--layers", type=_positive_int, default=12)
+    decoder.add_argument("--threads", type=_positive_int, default=2)
+    decoder.add_argument("--out", type=Path, help="write decoder.json and decoder.md here")
     memory = bench_kinds.add_parser("memory", help="the paper's Appendix G state-memory table for N parameters")
     memory.add_argument("--params", type=_positive_float, default=6.74e9, help="parameter count (default LLaMA-2 7B)")
     memory.add_argument("--density", type=_density, default=0.1)
@@ -575,6 +583,18 @@ def _bench_memory(args) -> int:
     return _publish(args.out, "memory", result, format_memory_table(result), title)
 
 
+def _bench_decoder(args) -> int:
+    from .bench.decoder import DECODER, DecoderBenchConfig, format_table, run
+
+    shape = dict(DECODER, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                 intermediate_size=max(64, (8 * args.hidden // 3 + 255) // 256 * 256),
+                 num_attention_heads=max(1, args.hidden // 64), num_key_value_heads=max(1, args.hidden // 64))
+    config = DecoderBenchConfig(decoder=shape, blocks=args.blocks, steps_per_block=args.steps_per_block,
+                                threads=args.threads)
+    result = run(config, progress=lambda block, name: print(f"block {block}: {name}", file=sys.stderr))
+    return _publish(args.out, "decoder", result, format_table(result), "End-to-end step time on a decoder")
+
+
 def _bench_backward(args) -> int:
     from .bench.backward import BackwardBenchConfig, format_table, run
 
@@ -642,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
             return handlers[args.analysis](args)
         if args.command == "bench":
             return {"step": _bench_step, "memory": _bench_memory, "backward": _bench_backward,
-                    None: _bench_optimizers}[args.bench](args)
+                    "decoder": _bench_decoder, None: _bench_optimizers}[args.bench](args)
     except UsageError as e:
         print(str(e), file=sys.stderr)
         return 2
