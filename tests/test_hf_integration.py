@@ -174,3 +174,24 @@ def test_factory_through_trl_sft_trainer(tmp_path):
     moved = (model.get_parameter(q) != before[q]).float().mean().item()
     assert 0 < moved < 0.5  # a sparse update: the refreshes moved a fraction of the body tensor
     assert not torch.equal(model.lm_head.weight, before["lm_head.weight"])  # the dense head trained
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or os.name != "posix", reason="needs torch.distributed")
+def test_factory_in_trainer_under_ddp_with_torchrun(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = os.path.join(os.path.dirname(__file__), "scripts", "trainer_ddp.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                           "127.0.0.1", "--master_port", str(port), script, str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert all(r["nanoadam"] and r["world"] == 2 and r["ddp"] for r in ranks)
+    for name, w in ranks[0]["weights"].items():
+        assert torch.equal(w, ranks[1]["weights"][name]), name  # the ranks agree bit for bit
