@@ -302,3 +302,9 @@ def test_retention_probe_runs_under_lora(tmp_path):
     result = run(GlueRunConfig(task="rte", optimizer="nanoadam", lr=1e-3, data_dir=DATA, lora_r=4,
                                **{**TINY, "max_steps": 1}))
     assert -1 <= result["retention"] <= 1
+
+
+def test_a_diverged_run_never_chooses_its_rate():
+    diverged = {"score": 0.9, "metrics": {"score": 0.9, "loss": float("nan"), "diverged": True}}
+    fine = {"score": 0.6, "metrics": {"score": 0.6, "loss": 0.7, "diverged": False}}
+    assert best_lr({1e-3: diverged, 1e-4: fine}) == 1e-4

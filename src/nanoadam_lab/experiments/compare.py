@@ -189,13 +189,17 @@ def _heldout_loss(result: dict) -> float:
     return loss if isinstance(loss, (int, float)) and loss == loss else math.inf
 
 
+def usable(result: dict) -> bool:
+    """A run whose score can choose a rate: finished, with a number, not diverged."""
+    return result["score"] == result["score"] and not result.get("metrics", {}).get("diverged")
+
+
 def best_lr(tuning: dict[float, dict]) -> float:
-    """The learning rate with the best held-out score (NaN counts as worst); equal scores go to
-    the lower held-out loss, then the smaller rate."""
+    """The learning rate with the best held-out score (NaN and diverged runs count as worst); equal
+    scores go to the lower held-out loss, then the smaller rate."""
     def key(item):
         lr, result = item
-        score = result["score"]
-        return (-(score if score == score else -math.inf), _heldout_loss(result), lr)
+        return (-(result["score"] if usable(result) else -math.inf), _heldout_loss(result), lr)
 
     return min(tuning.items(), key=key)[0]
 
@@ -211,7 +215,7 @@ def next_rate(tried: dict[float, dict], grid: list[float], max_extensions: int) 
     if len(rates) - len(set(grid)) >= max_extensions or len(rates) < 2:
         return None
     best = best_lr(tried)
-    if tried[best]["score"] != tried[best]["score"]:
+    if not usable(tried[best]):
         return None  # every run failed or diverged: nothing to follow
     if best == rates[0]:
         step = float(f"{rates[0] * rates[0] / rates[1]:.3g}")
@@ -328,7 +332,7 @@ def run_compare(config: CompareConfig, execute=None, progress=None) -> dict:
                     continue
                 lr = next_rate(tried[optimizer], config.lr_grids[optimizer], config.max_extensions)
                 if lr is None:
-                    found = {r: x for r, x in tried[optimizer].items() if x["score"] == x["score"]}
+                    found = {r: x for r, x in tried[optimizer].items() if usable(x)}
                     chosen[optimizer] = best_lr(found) if found else None  # None: every run failed
                     progressed = True
                     continue
@@ -386,7 +390,7 @@ def _cell(runs: list[dict], grid: list[float], max_extensions: int, seeds: int,
     tuning = {r["config"]["lr"]: r for r in runs if r["config"]["seed"] == 0}
     if not tuning or next_rate(tuning, grid, max_extensions) is not None:
         return None  # the search has not settled yet
-    found = {rate: r for rate, r in tuning.items() if r["score"] == r["score"]}
+    found = {rate: r for rate, r in tuning.items() if usable(r)}
     if not found:
         return None  # every rate failed
     lr = best_lr(found)  # as run_compare chooses
