@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._validation import is_number
+
 DEFAULT_HEAD_NAMES = ("classifier", "lm_head", "head", "heads", "fc", "score", "cls", "qa_outputs")
 
 _NORM_TYPES: tuple[type, ...] = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.modules.batchnorm._NormBase)
@@ -107,7 +109,7 @@ def param_groups(
     own with that learning rate (the body and the norms keep the optimizer's); a fast-learning
     head can otherwise be most of what a higher rate buys. Empty groups are left out.
     """
-    if head_lr is not None and (isinstance(head_lr, bool) or not isinstance(head_lr, (int, float)) or not head_lr > 0):
+    if head_lr is not None and not (is_number(head_lr) and head_lr > 0):
         raise ValueError(f"Invalid head_lr: {head_lr!r} (expected a number > 0, or None)")
     heads = head_parameter_names(model, head_names)
     norms = norm_parameter_names(model)

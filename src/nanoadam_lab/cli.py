@@ -294,16 +294,24 @@ def _check_glue_inputs(args, tasks: list) -> None:
         except DataError as e:
             raise UsageError(f"nanoadam: {e}") from None
         except Exception as e:  # datasets/hub errors: no network, unknown dataset
-            first = str(e).splitlines()[0] if str(e) else ""
             raise UsageError(f"nanoadam: cannot load {as_spec(task).dataset or as_spec(task).name} data "
-                             f"({type(e).__name__}: {first})") from None
+                             f"({_brief(e)})") from None
+    _model_config(resolve_model_path(args.model), args.model, "nanoadam")
+
+
+def _brief(e: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def _model_config(path: str, name: str, command: str):
+    """The transformers config at ``path``, or one line naming the model ``name`` that would not load."""
     try:
         from transformers import AutoConfig
 
-        AutoConfig.from_pretrained(resolve_model_path(args.model))
+        return AutoConfig.from_pretrained(path)
     except Exception as e:
-        raise UsageError(f"nanoadam: cannot load model {args.model!r} ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        raise UsageError(f"{command}: cannot load model {name!r} ({_brief(e)})") from None
 
 
 def _finetune(args) -> int:
@@ -358,13 +366,7 @@ def _finetune(args) -> int:
 
 
 def _check_causal_lm(model: str) -> None:
-    try:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(model)
-    except Exception as e:
-        raise UsageError(f"nanoadam sft: cannot load model {model!r} ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    config = _model_config(model, model, "nanoadam sft")
     architectures = config.architectures or []
     if not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
         raise UsageError(f"nanoadam sft: {model!r} is not a causal LM (architectures: "
@@ -378,7 +380,7 @@ def _sft(args) -> int:
     from .experiments.sft_data import load_rows, sft_format
 
     _check_causal_lm(args.model)
-    settings = {k: v for k, v in BUDGETS[args.budget].items()}
+    settings = dict(BUDGETS[args.budget])
     settings.update({k: v for k, v in (("epochs", args.epochs), ("eval_limit", args.eval_limit)) if v})
     if args.bf16:
         settings["bf16"] = True
@@ -397,8 +399,7 @@ def _sft(args) -> int:
     except (ValueError, DataError) as e:
         raise UsageError(f"nanoadam sft: {e}") from None
     except Exception as e:  # datasets/hub errors: no network, unknown dataset
-        raise UsageError(f"nanoadam sft: cannot load data ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        raise UsageError(f"nanoadam sft: cannot load data ({_brief(e)})") from None
     name = f"{Path(args.model).name}-{config.format}-{args.optimizer}-lr{config.lr:g}-seed{config.seed}"
     if (args.out / f"{name}.json").exists():
         print(f"{args.out / name}.json exists: skipped (delete it to rerun)")

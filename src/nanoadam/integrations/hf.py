@@ -61,14 +61,16 @@ class DensitySchedulerCallback(_trainer_callback_base()):
     """Steps a DensityScheduler after each optimizer step; on (re)start aligns it with the
     Trainer's global step, so a resumed run follows the same density schedule."""
 
-    def __init__(self, scheduler: DensityScheduler):
+    def __init__(self, scheduler: DensityScheduler | None):
         self.scheduler = scheduler
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.scheduler.set_step(state.global_step)
+        if self.scheduler is not None:
+            self.scheduler.set_step(state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.scheduler.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
 
 
 def nanoadam_for_trainer(model: nn.Module, *, lr: float, final_density: float | None = None,
@@ -129,14 +131,14 @@ class NanoAdamFactory:
         return optimizer
 
 
-class NanoAdamCallback(_trainer_callback_base()):
+class NanoAdamCallback(DensitySchedulerCallback):
     """Goes with :class:`NanoAdamFactory`: at the start of training it warns where the factory's
     kwargs differ from ``TrainingArguments`` (learning rate, weight decay, betas, eps) and starts the
     density schedule over ``state.max_steps``, at the Trainer's step (resume included); then steps
     it after every optimizer step."""
 
     def __init__(self):
-        self.scheduler: DensityScheduler | None = None
+        super().__init__(None)  # the schedule needs the run's length: built at the start of training
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         nano = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the optimizer
@@ -156,9 +158,5 @@ class NanoAdamCallback(_trainer_callback_base()):
                 group["density"] = density
             self.scheduler = DensityScheduler(nano, final_density=schedule["final_density"],
                                               total_steps=state.max_steps, interval=schedule["interval"])
-            self.scheduler.set_step(state.global_step)
             schedule["started"] = True
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.scheduler is not None:
-            self.scheduler.step()
+        super().on_train_begin(args, state, control, **kwargs)

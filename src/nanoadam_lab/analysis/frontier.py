@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .stats import paired_interval, verdict
+from .stats import judged_difference
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -48,6 +48,4 @@ def retention_at_equal_score(cell: dict, reference: dict) -> dict:
             below += bool(front) and score < front[0][0]
             continue
         diffs.append(retention - at)
-    interval = paired_interval(diffs)
-    return {**interval, "verdict": verdict(interval) if interval["n"] >= 2 else "too few seeds",
-            "seeds_above_front": above, "seeds_below_front": below, "front": front}
+    return {**judged_difference(diffs), "seeds_above_front": above, "seeds_below_front": below, "front": front}

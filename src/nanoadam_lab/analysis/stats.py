@@ -34,6 +34,13 @@ def verdict(interval: dict[str, float]) -> str:
     return UNDECIDED
 
 
+def judged_difference(differences: Sequence[float], level: float = 0.95) -> dict:
+    """:func:`paired_interval` of per-seed differences with the :func:`verdict` it supports
+    (``"too few seeds"`` below two)."""
+    interval = paired_interval(differences, level)
+    return {**interval, "verdict": verdict(interval) if interval["n"] >= 2 else "too few seeds"}
+
+
 def rowwise_score(metric: str, predictions: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """The metric of every row of ``(rows, n)`` predictions against labels: ``accuracy``,
     ``matthews`` (binary) or ``pearson``; an undefined correlation (a constant row) scores 0."""

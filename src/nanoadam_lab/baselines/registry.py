@@ -73,13 +73,17 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _adamw(model, lr, total_steps, *, betas, eps, weight_decay, fused):
+def _torch_adamw(params_or_groups: list, fused: bool | None, **hyper) -> torch.optim.AdamW:
+    """``torch.optim.AdamW``, with the fused kernel where every parameter allows it (``fused=None``)."""
+    params = [p for g in params_or_groups for p in (g["params"] if isinstance(g, dict) else [g])]
     if fused is None:
-        params = _trainable(model)
         fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-    opt = torch.optim.AdamW(_trainable(model), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                            fused=fused or None)
-    return OptimizerBundle(opt)
+    return torch.optim.AdamW(params_or_groups, fused=fused or None, **hyper)
+
+
+def _adamw(model, lr, total_steps, *, betas, eps, weight_decay, fused):
+    return OptimizerBundle(_torch_adamw(_trainable(model), fused, lr=lr, betas=betas, eps=eps,
+                                        weight_decay=weight_decay))
 
 
 def _head_only(model, lr, total_steps, *, betas, eps, weight_decay):
@@ -104,10 +108,7 @@ def _adamw_headlr(model, lr, total_steps, *, betas, eps, weight_decay, head_lr, 
     body = [p for n, p in model.named_parameters() if p.requires_grad and n not in heads]
     head = [p for n, p in model.named_parameters() if p.requires_grad and n in heads]
     groups = [g for g in ({"params": body}, {"params": head, "lr": head_lr}) if g["params"]]
-    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in body + head) if fused is None \
-        else fused
-    opt = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused or None)
-    return OptimizerBundle(opt)
+    return OptimizerBundle(_torch_adamw(groups, fused, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
 
 def _adamw8bit(model, lr, total_steps, *, betas, eps, weight_decay, min_8bit_size):

@@ -33,7 +33,7 @@ from typing import Any
 
 from .._io import atomic_write_json
 from ..analysis.frontier import retention_at_equal_score
-from ..analysis.stats import bootstrap_difference, paired_interval, verdict
+from ..analysis.stats import bootstrap_difference, judged_difference
 from .glue import GlueRunConfig
 from .glue_data import TASKS
 
@@ -431,9 +431,7 @@ def _paired(cell: dict, reference: dict, key: str) -> dict:
     mine = dict(zip(cell["seeds"], cell[key]))
     theirs = dict(zip(reference["seeds"], reference[key]))
     common = sorted(set(mine) & set(theirs))
-    diffs = [mine[s] - theirs[s] for s in common if mine[s] is not None and theirs[s] is not None]
-    interval = paired_interval(diffs)
-    return {**interval, "verdict": verdict(interval) if interval["n"] >= 2 else "too few seeds"}
+    return judged_difference([mine[s] - theirs[s] for s in common if mine[s] is not None and theirs[s] is not None])
 
 
 def gate(task: str, cells: dict[str, dict], seeds: int) -> dict:
@@ -517,8 +515,7 @@ def average(config: CompareConfig, tasks: dict[str, dict]) -> dict:
         row = {"mean": statistics.fmean(by_seed.values()) if by_seed else float("nan"), "seeds": sorted(by_seed)}
         if optimizer != "adamw" and "adamw" in per_seed:
             common = sorted(set(by_seed) & set(per_seed["adamw"]))
-            interval = paired_interval([by_seed[s] - per_seed["adamw"][s] for s in common])
-            row["vs_adamw"] = {**interval, "verdict": verdict(interval) if interval["n"] >= 2 else "too few seeds"}
+            row["vs_adamw"] = judged_difference([by_seed[s] - per_seed["adamw"][s] for s in common])
         rows[optimizer] = row
     return {"tasks": included, "excluded": excluded, "optimizers": rows}
 

@@ -54,8 +54,7 @@ from torch import nn
 
 from .. import experiment as ex
 from ..analysis.shift import backbone_snapshot, shift_report
-from ..analysis.stats import paired_interval
-from ..analysis.stats import verdict as stats_verdict
+from ..analysis.stats import judged_difference
 from ..baselines import available_optimizers, build_optimizer
 from .compare import LR_GRIDS as COMPARE_LR_GRIDS
 from .compare import budget_settings
@@ -671,9 +670,7 @@ def verdict(per_optimizer: dict) -> dict:
         if other in per_optimizer:
             theirs = per_optimizer[other]["runs"]
             for key in ("forgetting", "task2"):
-                interval = paired_interval([a[key] - b[key] for a, b in zip(nano["runs"], theirs)])
-                out[f"{key}_vs_{other}"] = {**interval, "verdict": stats_verdict(interval) if interval["n"] >= 2
-                                            else "too few seeds"}
+                out[f"{key}_vs_{other}"] = judged_difference([a[key] - b[key] for a, b in zip(nano["runs"], theirs)])
     return out
 
 
