@@ -207,6 +207,18 @@ def build_parser() -> argparse.ArgumentParser:
     decoder.add_argument("--layers", type=_positive_int, default=12)
     decoder.add_argument("--threads", type=_positive_int, default=2)
     decoder.add_argument("--out", type=Path, help="write decoder.json and decoder.md here")
+    fit = bench_kinds.add_parser("fit", help="the largest LLaMA-style decoder each optimizer trains in a memory "
+                                             "budget, by real steps in child processes, formula beside it")
+    fit.add_argument("--memory-gb", type=_positive_float, help="budget in GiB of process memory (default: this "
+                                                               "machine's physical memory)")
+    fit.add_argument("--optimizers", type=_fit_variants, help="comma-separated, from: " + ", ".join(_FIT_VARIANTS))
+    fit.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="weights' dtype")
+    fit.add_argument("--seq", type=_positive_int, default=512)
+    fit.add_argument("--steps", type=_positive_int, default=2, help="training steps a probe")
+    fit.add_argument("--threads", type=_positive_int, default=2)
+    fit.add_argument("--min-hidden", type=_positive_int, default=256, help="smallest width of the ladder (x128)")
+    fit.add_argument("--max-hidden", type=_positive_int, default=8192, help="largest width of the ladder (x128)")
+    fit.add_argument("--out", type=Path, help="write fit.json and fit.md here")
     memory = bench_kinds.add_parser("memory", help="the paper's Appendix G state-memory table for N parameters")
     memory.add_argument("--params", type=_positive_float, default=6.74e9, help="parameter count (default LLaMA-2 7B)")
     memory.add_argument("--density", type=_density, default=0.1)
@@ -273,6 +285,19 @@ def _names(text: str) -> list[str]:
     if unknown or not names:
         raise argparse.ArgumentTypeError(f"unknown optimizer {', '.join(unknown) or text!r}; "
                                          f"choose from {', '.join(available_optimizers())}")
+    return names
+
+
+_FIT_VARIANTS = ("adamw", "adamw8bit", "galore", "microadam", "nanoadam", "nanoadam-in-backward",
+                 "nanoadam-in-backward-sparse-head")  # bench/fit.py's VARIANTS, without importing it at parse time
+
+
+def _fit_variants(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in _FIT_VARIANTS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown optimizer {', '.join(unknown) or text!r}; "
+                                         f"choose from {', '.join(_FIT_VARIANTS)}")
     return names
 
 
@@ -608,6 +633,25 @@ def _bench_backward(args) -> int:
     return _publish(args.out, "backward", result, format_table(result), "Peak training memory with step in backward")
 
 
+def _bench_fit(args) -> int:
+    from .bench.fit import FitConfig, format_table, run
+
+    try:
+        config = FitConfig(memory_gb=args.memory_gb, variants=args.optimizers or list(_FIT_VARIANTS),
+                           dtype=args.dtype, seq=args.seq, steps=args.steps, threads=args.threads,
+                           min_hidden=args.min_hidden, max_hidden=args.max_hidden)
+    except ValueError as e:
+        raise UsageError(f"nanoadam bench fit: {e}") from None
+
+    def progress(p):
+        peak = f", peak {p['peak_bytes'] / 2**30:.2f} GiB" if "peak_bytes" in p else ""
+        print(f"{p['variant']} hidden {p['hidden']} ({p['params'] / 1e9:.2f} B): {p['outcome']}{peak}, "
+              f"formula {p['formula']['total'] / 2**30:.2f} GiB", file=sys.stderr, flush=True)
+
+    result = run(config, progress=progress)
+    return _publish(args.out, "fit", result, format_table(result), "Largest decoder that trains in a memory budget")
+
+
 def _bench_step(args) -> int:
     tqdm = _require("tqdm.auto", "cli").tqdm
     from .bench.step import StepBenchConfig, format_table, minilm_shapes, run
@@ -663,7 +707,8 @@ def main(argv: list[str] | None = None) -> int:
             return handlers[args.analysis](args)
         if args.command == "bench":
             return {"step": _bench_step, "memory": _bench_memory, "backward": _bench_backward,
-                    "decoder": _bench_decoder, None: _bench_optimizers}[args.bench](args)
+                    "decoder": _bench_decoder, "fit": _bench_fit,
+                    None: _bench_optimizers}[args.bench](args)
     except UsageError as e:
         print(str(e), file=sys.stderr)
         return 2

@@ -175,8 +175,10 @@ def _microadam(model, lr, total_steps, *, betas, eps, weight_decay, m, density, 
 
 
 def _nanoadam(model, lr, total_steps, *, betas, eps, weight_decay, density, mask_interval, chunk_size, selection,
-              state_dtype, final_density, density_interval, fused, principal_rank, stochastic_rounding):
-    groups = param_groups(model)
+              state_dtype, final_density, density_interval, fused, principal_rank, stochastic_rounding, sparse_head):
+    # sparse_head: the head (a decoder's lm_head, and the embedding tied to it) sparse too, norms
+    # still dense; the paper trains the head densely (float32 AdamW state for the whole vocabulary).
+    groups = param_groups(model, head_names=() if sparse_head else None)
     if stochastic_rounding is None:  # bf16 weights: write updates back unbiased (below half a bf16 step too)
         stochastic_rounding = any(p.dtype == torch.bfloat16 for g in groups for p in g["params"])
     opt = NanoAdam(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, density=density,
@@ -194,7 +196,7 @@ def _nanoadam(model, lr, total_steps, *, betas, eps, weight_decay, density, mask
 _ADAM = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
 _NANO = dict(_ADAM, density=0.1, mask_interval=100, chunk_size=4096, selection="small_weights",
              state_dtype=torch.bfloat16, final_density=None, density_interval=None, fused=None, principal_rank=8,
-             stochastic_rounding=None)
+             stochastic_rounding=None, sparse_head=False)
 
 REGISTRY: dict[str, OptimizerSpec] = {
     spec.name: spec

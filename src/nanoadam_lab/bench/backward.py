@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .._io import DEFAULT_MMAP_THRESHOLD, allocator_note, measurement_env, reset_peak_rss, status_kb
+from .._models import checkpoint_activations
 
 OPTIMIZERS = ("adamw", "nanoadam", "nanoadam-in-backward")
 LLAMA = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_attention_heads=16,
@@ -47,7 +48,7 @@ def _build(setting: str):
 
         torch.manual_seed(0)
         model = LlamaForCausalLM(LlamaConfig(**LLAMA))
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_activations(model)
         model.config.use_cache = False
         ids = torch.randint(0, LLAMA["vocab_size"], (1, 512), generator=gen)
         return model, {"input_ids": ids, "labels": ids}

@@ -52,10 +52,11 @@ def layout_formula_bytes(name: str, tensors: list[TensorInfo], hyper: dict) -> i
     total = 0
     if name == "adamw8bit" and any(t.numel >= hyper.get("min_8bit_size", 4096) for t in tensors):
         total += 2 * 256 * 4  # the two 256-entry quantization maps, shared by all tensors
+    moment = hyper.get("moment_bytes", 4)  # torch's AdamW and galore-torch: the parameters' dtype
     for t in tensors:
         d = t.numel
         if name in ("adamw", "adamw-headlr", "head-only"):  # head-only: the frozen body has no state
-            total += 8 * d + 4  # two float32 moments, a float32 step
+            total += 2 * moment * d + 4  # two moments, a float32 step
         elif name == "adamw8bit":
             if d >= hyper.get("min_8bit_size", 4096):  # uint8 moments, an fp32 absmax per 256 entries each
                 total += 2 * d + 8 * math.ceil(d / 256)
@@ -69,9 +70,9 @@ def layout_formula_bytes(name: str, tensors: list[TensorInfo], hyper: dict) -> i
                 # galore-torch 1.0 keeps the rank-r projection as a view of the whole SVD factor
                 # (Vh or U, min(rows, cols) squared floats), which stays allocated.
                 projection = min(rows, cols) ** 2
-                total += 4 * (projection + 2 * low_rank)
+                total += moment * (projection + 2 * low_rank)
             else:
-                total += 8 * d
+                total += 2 * moment * d
         elif name == "microadam":
             total += _microadam_bytes(d, hyper.get("m", 10), hyper.get("density", 0.01), hyper.get("block_size", 4096),
                                       hyper.get("quant_bucket", 64)) + 4

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from .._io import reset_peak_rss, status_kb
+from .._models import checkpoint_activations
 from ..baselines import build_optimizer
 from .recipe import Recipe, shuffled_batches
 from .sft_data import encode_example, load_rows, sft_format
@@ -80,7 +81,7 @@ def load_causal_lm(config: SFTConfig):
     dtype = torch.bfloat16 if config.bf16 else torch.float32
     model = AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_activations(model)
     if config.lora_r:
         from peft import LoraConfig, TaskType, get_peft_model
 
