@@ -128,7 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     analyses = reproduce.add_subparsers(dest="analysis", parser_class=_Parser)
     toy = analyses.add_parser("toy", help="two-layer ReLU teacher-student: small weights vs large gradients")
     toy.add_argument("--seed", type=int, default=0, help="first seed")
-    toy.add_argument("--seeds", type=_positive_int, default=5, help="number of seeds")
+    toy.add_argument("--seeds", type=_positive_int, default=10, help="number of seeds")
+    toy.add_argument("--updates", type=_toy_updates, default=("gd", "adam"),
+                     help="comma-separated update rules: gd (masked gradient descent), adam (NanoAdam's own step)")
     toy.add_argument("--input-dim", type=_positive_int, default=2)
     toy.add_argument("--student-width", type=_positive_int, default=50)
     toy.add_argument("--finetune-steps", type=_positive_int, default=5000)
@@ -290,6 +292,13 @@ def _names(text: str) -> list[str]:
 
 _FIT_VARIANTS = ("adamw", "adamw8bit", "galore", "microadam", "nanoadam", "nanoadam-in-backward",
                  "nanoadam-in-backward-sparse-head")  # bench/fit.py's VARIANTS, without importing it at parse time
+
+
+def _toy_updates(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names or set(names) - {"gd", "adam"}:
+        raise argparse.ArgumentTypeError(f"takes gd and/or adam, got {text!r}")
+    return names
 
 
 def _fit_variants(text: str) -> list[str]:
@@ -502,7 +511,7 @@ def _reproduce_toy(args) -> int:
 
     config = ToyConfig(seed=args.seed, n_seeds=args.seeds, input_dim=args.input_dim,
                        student_width=args.student_width, finetune_steps=args.finetune_steps, fraction=args.fraction,
-                       mask_interval=args.mask_interval, out_dir=str(args.out))
+                       mask_interval=args.mask_interval, updates=args.updates, out_dir=str(args.out))
     for path in main(config, progress=True, command=_command_line()):
         print(path)
     return 0

@@ -20,24 +20,32 @@ Setup. The extracted paper lost every number of Appendix E; each one below is a 
 * Finetuning tasks: the teacher plus ``k`` new neurons drawn like the teacher ones (``k = 1``: Table 8,
   ``k = 2``: Table 9; the 2-neuron task contains the neuron of the 1-neuron task), on a fresh training
   set of ``n_train`` samples.
-* Finetuning: plain full-batch gradient descent (not Adam: the paper's "nano gradient flow"),
-  ``finetune_steps = 5000`` steps at ``finetune_lr = 0.05`` (smaller than ``pretrain_lr``, as the paper does
-  for the stability of the large-gradient runs). In each layer (``W`` and ``a`` separately) only
-  ``ceil(fraction * numel)`` entries move (``fraction = 0.1``: 10 of the 100 entries of ``W``, 5 of the 50 of
-  ``a``), chosen as the smallest ``|weight|`` (``small_weights``, NanoAdam's rule) or the largest
-  ``|gradient|`` (``large_gradients``). Main result: both masks are re-chosen every ``mask_interval = 10``
-  steps, from the current weights resp. the current full gradient. The ``*_static`` variants choose the
-  mask once, at the first finetuning step, and keep it (the setting of Theorem 2.2, where one fixed small
-  neuron is trained). A reference run updating every weight (``full``) is reported too.
+* Finetuning, two update rules (``updates``): ``gd``, masked full-batch gradient descent (the
+  paper's "nano gradient flow"), and ``adam``, NanoAdam itself (``nanoadam.NanoAdam``: Adam moments
+  for the selected entries, newly selected entries starting fresh, float32 moments), both for
+  ``finetune_steps = 5000`` full-batch steps. In each layer (``W`` and ``a`` separately) only
+  ``ceil(fraction * numel)`` entries move (``fraction = 0.1``: 10 of the 100 entries of ``W``, 5 of
+  the 50 of ``a``), chosen as the smallest ``|weight|`` (``small_weights``, NanoAdam's rule) or the
+  largest ``|gradient|`` (``large_gradients``). Main result: both masks are re-chosen every
+  ``mask_interval = 10`` steps (NanoAdam's refresh, at its steps 1, 11, 21, ...), from the current
+  weights resp. the current full gradient. The ``*_static`` variants choose the mask once, at the
+  first finetuning step, and keep it (the setting of Theorem 2.2, where one fixed small neuron is
+  trained). A reference run updating every weight (``full``) is reported too.
+* Learning rates: each (task, update rule, strategy) gets the rate of its grid (``lr_grids``) with
+  the lowest mean log10 MSE over seeds on ``n_val = 2000`` fresh validation samples of the new
+  task; a best rate on an edge of the grid extends it (up to ``max_grid_extensions`` times).
 * Metrics on ``n_test = 10000`` fresh samples: test MSE ``mean((f(x) - y)^2)`` (no 1/2) on the new task;
   distance travelled ``||theta_ft - theta_pre||_2`` over all parameters (the weight-space measure of
   Lemma E.2); also the path length (sum of step norms), the distance restricted to the large pretrained
   neurons (``|a_j| ||w_j|| >= large_neuron_threshold * max``, threshold 0.1: how much of the pretrained
   representation is overwritten, Definition 2.1), the fraction of entries ever moved and the masked share
-  of the squared gradient norm. Mean and sample standard deviation (``ddof = 1``) over ``n_seeds = 5`` seeds
-  ``seed, seed + 1, ...``; each seed draws its own teacher, added neurons, data and initialization.
+  of the squared gradient norm (with Adam steps: of the entries that moved). Mean and sample
+  standard deviation (``ddof = 1``) over ``n_seeds = 10`` seeds ``seed, seed + 1, ...``; each seed
+  draws its own teacher, added neurons, data and initialization. Small weights are compared with
+  large gradients by paired per-seed differences (log10 test MSE, distance, large-neuron
+  distance) with 95 % t-intervals; a verdict is printed only where the interval excludes zero.
 
-Figures: one per task, a panel per strategy (re-chosen masks and the reference on top, static masks
+Figures: one per task and update rule, a panel per strategy (re-chosen masks and the reference on top, static masks
 below). Teacher neurons are arrows to ``|a*_i| w*_i`` (solid: pretraining teacher, dashed: added
 neurons); student neurons are points at ``|a_j| w_j`` (hollow: pretrained, filled: finetuned, a grey
 segment joins the two); colour is the sign of the output weight (red ``+``, blue ``-``). For ``d > 2``
@@ -53,7 +61,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -71,6 +79,12 @@ LABELS = {
 # pairs compared in the verdict: the re-selected masks (the main result) and the masks chosen once at step 0
 PAIRS = {"dynamic": ("small_weights", "large_gradients"), "static": ("small_weights_static", "large_gradients_static")}
 DTYPE = torch.float64
+# "gd": masked full-batch gradient descent (the paper's nano gradient flow); "adam": NanoAdam itself
+# (nanoadam.NanoAdam, Adam moments for the selected entries, the same mask rules through its
+# ``selection`` and ``mask_interval``).
+UPDATES = ("gd", "adam")
+UPDATE_LABELS = {"gd": "gradient descent", "adam": "NanoAdam (Adam steps)"}
+LR_GRIDS = {"gd": (0.02, 0.05, 0.1), "adam": (3e-3, 1e-2, 3e-2)}
 
 
 @dataclass
@@ -78,7 +92,7 @@ class ToyConfig:
     """Every knob of the toy experiment; the defaults produce ``docs/results/toy``."""
 
     seed: int = 0  # first seed; seeds are seed, seed + 1, ..., seed + n_seeds - 1
-    n_seeds: int = 5
+    n_seeds: int = 10
     input_dim: int = 2  # d
     teacher_width: int = 2  # neurons of the pretraining teacher
     student_width: int = 50  # m
@@ -86,10 +100,14 @@ class ToyConfig:
     n_train: int = 1000  # fixed full-batch training set (one for pretraining, a fresh one for finetuning)
     n_test: int = 10000  # fresh test samples
     init_scale: float = 1e-3  # E||w_j|| at init, with |a_j| = ||w_j|| (balanced)
+    n_val: int = 2000  # fresh samples of the finetuning task that choose the learning rate (never the test set)
     pretrain_steps: int = 4000
     pretrain_lr: float = 0.1
     finetune_steps: int = 5000
-    finetune_lr: float = 0.05
+    updates: tuple[str, ...] = UPDATES
+    # learning-rate grids per update rule; a best rate on an edge extends the grid by the same factor
+    lr_grids: dict[str, tuple[float, ...]] = field(default_factory=lambda: dict(LR_GRIDS))
+    max_grid_extensions: int = 3
     fraction: float = 0.1  # fraction of the entries of each layer (W and a separately) that is finetuned
     mask_interval: int = 10  # steps between mask re-selections (same rule for both strategies)
     strategies: tuple[str, ...] = STRATEGIES
@@ -114,7 +132,7 @@ def loss_and_grads(W: torch.Tensor, a: torch.Tensor, X: torch.Tensor, y: torch.T
     e = act @ a - y  # n
     n = X.shape[0]
     ga = act.T @ e / n
-    gW = ((e[:, None] * (h > 0)) * a[None, :]).T @ X / n
+    gW = (X.T @ torch.where(h > 0, e[:, None] * a[None, :], 0.0)).T / n
     return 0.5 * (e @ e) / n, gW, ga
 
 
@@ -142,6 +160,7 @@ class Problem:
     X_test: torch.Tensor
     W0: torch.Tensor
     a0: torch.Tensor
+    X_val: torch.Tensor
 
 
 def make_problem(cfg: ToyConfig, seed: int) -> Problem:
@@ -155,7 +174,8 @@ def make_problem(cfg: ToyConfig, seed: int) -> Problem:
     W0 = torch.randn(cfg.student_width, d, generator=gen, dtype=DTYPE) * (cfg.init_scale / math.sqrt(d))
     signs = (2 * torch.randint(0, 2, (cfg.student_width,), generator=gen) - 1).to(DTYPE)
     a0 = signs * W0.norm(dim=1)
-    return Problem(Wt, at, X_pre, X_ft, X_test, W0, a0)
+    X_val = torch.randn(cfg.n_val, d, generator=gen, dtype=DTYPE)
+    return Problem(Wt, at, X_pre, X_ft, X_test, W0, a0, X_val)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -198,33 +218,77 @@ def kept(fraction: float, numel: int) -> int:
     return max(1, min(numel, math.ceil(round(fraction * numel, 9))))
 
 
-def finetune(W: torch.Tensor, a: torch.Tensor, X: torch.Tensor, y: torch.Tensor, strategy: str, steps: int,
-             lr: float, fraction: float, mask_interval: int, callback: Callable | None = None) -> dict:
-    """Masked full-batch gradient descent from ``(W, a)``.
-
-    Every ``mask_interval`` steps (from step 0) the masks of ``W`` and ``a`` are re-chosen with ``select_mask``
-    (only at step 0 for the ``*_static`` strategies); each step updates only the masked entries.
-    ``callback(t, (W, a) before, (W, a) after, (mask_W, mask_a))`` is called after every step when given.
-    Returns the final weights and per-run statistics, among them ``gradient_share``: the masked part of the
-    squared full-gradient norm, averaged over the steps (1 for ``full``; near 0 when the mask sits on
-    entries that the new task does not move).
-    """
-    W, a = W.clone(), a.clone()
+def _gd_update(W: torch.Tensor, a: torch.Tensor, strategy: str, lr: float, fraction: float, mask_interval: int):
+    """Masked gradient descent: ``update(t, W, a, gW, ga) -> (W_new, a_new, mask_W, mask_a)``."""
     kW, ka = kept(fraction, W.numel()), kept(fraction, a.numel())
-    static = strategy.endswith("_static")
     if strategy == "full":
         kW, ka = W.numel(), a.numel()
+    static = strategy.endswith("_static")
+    masks = []
+
+    def update(t, W, a, gW, ga):
+        if t == 0 or (not static and t % mask_interval == 0):
+            masks[:] = [select_mask(W, gW, strategy, kW), select_mask(a, ga, strategy, ka)]
+        mW, ma = masks
+        return W - lr * gW * mW, a - lr * ga * ma, mW, ma
+
+    return update, {"W": kW, "a": ka}
+
+
+def _nanoadam_update(W: torch.Tensor, a: torch.Tensor, strategy: str, lr: float, fraction: float,
+                     mask_interval: int):
+    """NanoAdam's own step on ``(W, a)``: its ``selection`` is the strategy (``small_weights`` or
+    ``large_gradients``), refreshed every ``mask_interval`` steps (never for ``*_static``); ``full``
+    is density 1 (AdamW step for step). One chunk per layer, so the kept count is ``kept``'s;
+    float32 moments (the weights are float64), no weight decay. The masks handed back are the
+    entries that moved."""
+    from torch import nn
+
+    from nanoadam import NanoAdam
+
+    params = [nn.Parameter(W.clone()), nn.Parameter(a.clone())]
+    full = strategy == "full"
+    opt = NanoAdam(params, lr=lr, weight_decay=0.0, density=1.0 if full else fraction,
+                   mask_interval=None if full or strategy.endswith("_static") else mask_interval,
+                   selection="small_weights" if full else strategy.removesuffix("_static"),
+                   chunk_size=max(4096, W.numel(), a.numel()), state_dtype=torch.float32, stochastic_rounding=False)
+
+    def update(t, W, a, gW, ga):
+        params[0].grad, params[1].grad = gW.clone(), ga.clone()
+        opt.step()
+        W_new, a_new = params[0].detach().clone(), params[1].detach().clone()
+        return W_new, a_new, W_new != W, a_new != a
+
+    k = {"W": W.numel(), "a": a.numel()} if full else {"W": kept(fraction, W.numel()), "a": kept(fraction, a.numel())}
+    return update, k
+
+
+def finetune(W: torch.Tensor, a: torch.Tensor, X: torch.Tensor, y: torch.Tensor, strategy: str, steps: int,
+             lr: float, fraction: float, mask_interval: int, callback: Callable | None = None,
+             update: str = "gd") -> dict:
+    """Masked full-batch finetuning from ``(W, a)`` with ``update`` (one of ``UPDATES``).
+
+    ``gd``: every ``mask_interval`` steps (from step 0) the masks of ``W`` and ``a`` are re-chosen
+    with ``select_mask`` (only at step 0 for the ``*_static`` strategies); each step moves only the
+    masked entries by ``-lr * gradient``. ``adam``: NanoAdam steps with the same rules.
+    ``callback(t, (W, a) before, (W, a) after, (mask_W, mask_a))`` is called after every step when
+    given. Returns the final weights and per-run statistics, among them ``gradient_share``: the
+    masked part of the squared full-gradient norm, averaged over the steps (1 for ``full``; near 0
+    when the mask sits on entries that the new task does not move).
+    """
+    if update not in UPDATES:
+        raise ValueError(f"unknown update {update!r} (expected one of {UPDATES})")
+    make = _gd_update if update == "gd" else _nanoadam_update
+    step, k = make(W, a, strategy, lr, fraction, mask_interval)
+    W, a = W.clone(), a.clone()
     zero = torch.zeros((), dtype=torch.long)
     path = torch.zeros((), dtype=DTYPE)
     share = torch.zeros((), dtype=DTYPE)  # sum over steps of the masked share of the squared gradient norm
     max_W, max_a = zero, zero
     ever_W, ever_a = torch.zeros_like(W, dtype=torch.bool), torch.zeros_like(a, dtype=torch.bool)
-    mW = ma = None
     for t in range(steps):
         _, gW, ga = loss_and_grads(W, a, X, y)
-        if t == 0 or (not static and t % mask_interval == 0):
-            mW, ma = select_mask(W, gW, strategy, kW), select_mask(a, ga, strategy, ka)
-        W_new, a_new = W - lr * gW * mW, a - lr * ga * ma
+        W_new, a_new, mW, ma = step(t, W, a, gW, ga)
         full_sq = gW.square().sum() + ga.square().sum()
         share += ((gW * mW).square().sum() + (ga * ma).square().sum()) / full_sq.clamp_min(1e-300)
         changed_W, changed_a = W_new != W, a_new != a  # what actually moved, rounding included
@@ -239,8 +303,8 @@ def finetune(W: torch.Tensor, a: torch.Tensor, X: torch.Tensor, y: torch.Tensor,
     ever = {"W": ever_W, "a": ever_a}
     return {
         "W": W, "a": a, "path_length": float(path), "gradient_share": float(share) / max(1, steps),
-        "kept": {"W": kW, "a": ka}, "max_changed_per_step": max_changed,
-        "ever_changed_fraction": {k: float(v.double().mean()) for k, v in ever.items()},
+        "kept": k, "max_changed_per_step": max_changed,
+        "ever_changed_fraction": {key: float(v.double().mean()) for key, v in ever.items()},
     }
 
 
@@ -259,7 +323,7 @@ def _neurons(W: torch.Tensor, a: torch.Tensor) -> dict:
 
 
 def run(config: ToyConfig, progress=None) -> dict:
-    """Run the whole experiment; returns a JSON-serializable dict (see ``write_outputs``).
+    """Run the whole experiment; returns a JSON-serializable dict (see ``render``).
 
     ``progress``: ``None`` (silent), ``True`` (a tqdm bar) or a callable receiving one message per unit of work.
     """
@@ -269,7 +333,13 @@ def run(config: ToyConfig, progress=None) -> dict:
     for s in cfg.strategies:
         if s not in STRATEGIES:
             raise ValueError(f"unknown strategy {s!r} (expected one of {STRATEGIES})")
-    total = cfg.n_seeds * (1 + len(cfg.added_neurons) * len(cfg.strategies))
+    for u in cfg.updates:
+        if u not in UPDATES:
+            raise ValueError(f"unknown update {u!r} (expected one of {UPDATES})")
+        grid = cfg.lr_grids.get(u)
+        if not grid or any(not lr > 0 for lr in grid):
+            raise ValueError(f"lr_grids[{u!r}] must be a non-empty list of rates > 0")
+    total = cfg.n_seeds + len(cfg.added_neurons) * sum(len(cfg.lr_grids[u]) for u in cfg.updates) * len(cfg.strategies)
     bar = None
     if progress is True:
         from tqdm.auto import tqdm
@@ -291,19 +361,36 @@ def run(config: ToyConfig, progress=None) -> dict:
         torch.set_num_threads(threads)
 
 
+METRICS = ("test_loss", "val_loss", "distance", "path_length", "large_neuron_distance", "ever_changed_fraction_W",
+           "ever_changed_fraction_a", "gradient_share")
+
+
+def _log10(x: float) -> float:
+    return math.log10(x) if math.isfinite(x) and x > 0 else math.inf
+
+
+def choose_rate(rates: dict[float, list[dict]]) -> float:
+    """The rate with the lowest mean log10 validation MSE over seeds (a diverged seed counts as +inf)."""
+    return min(rates, key=lambda lr: (sum(_log10(r["val_loss"]) for r in rates[lr]) / len(rates[lr]), lr))
+
+
+def _next_rate(grid: list[float], best: float) -> float | None:
+    """The rate one grid step beyond ``best`` when it is on an edge (the factor of the grid's end), else None."""
+    grid = sorted(grid)
+    if len(grid) < 2 or grid[0] < best < grid[-1]:
+        return None
+    rate = grid[0] * grid[0] / grid[1] if best == grid[0] else grid[-1] * grid[-1] / grid[-2]
+    return float(f"{rate:.3g}")  # 0.2, not 0.20000000000000004
+
+
 def _run(cfg: ToyConfig, tick: Callable, bar) -> dict:
     start = time.perf_counter()
     seeds = [cfg.seed + i for i in range(cfg.n_seeds)]
-    pre_train, pre_test, large_counts = [], [], []
-    per = {str(k): {s: {"test_loss": [], "distance": [], "path_length": [], "large_neuron_distance": [],
-                        "ever_changed_fraction_W": [], "ever_changed_fraction_a": [], "gradient_share": []}
-                    for s in cfg.strategies} for k in cfg.added_neurons}
-    before = {str(k): [] for k in cfg.added_neurons}  # pretrained student's loss on the new task
-    checks = {"max_changed_per_step": {}, "kept": {}}
+    T = cfg.teacher_width
+    pre_train, pre_test, large_counts, pretrained = [], [], [], []
     figure = None
     for i, seed in enumerate(seeds):
         p = make_problem(cfg, seed)
-        T = cfg.teacher_width
         y_pre = forward(p.Wt[:T], p.at[:T], p.X_pre)
         W, a, curve = pretrain(p.W0, p.a0, p.X_pre, y_pre, cfg.pretrain_steps, cfg.pretrain_lr)
         pre_train.append(mse(W, a, p.X_pre, y_pre))
@@ -311,45 +398,73 @@ def _run(cfg: ToyConfig, tick: Callable, bar) -> dict:
         mag = a.abs() * W.norm(dim=1)
         large = mag >= cfg.large_neuron_threshold * mag.max()
         large_counts.append(int(large.sum()))
+        pretrained.append((p, W, a, large))
         tick(f"seed {seed} pretrained (test mse {pre_test[-1]:.2e})")
         if i == cfg.figure_seed:
             figure = {"seed": seed, "teacher": _neurons(p.Wt, p.at), "teacher_width": T,
                       "initial": _neurons(p.W0, p.a0), "pretrained": _neurons(W, a), "pretrain_curve": curve,
                       "finetuned": {}}
-        for k in cfg.added_neurons:
-            Wt, at = p.Wt[: T + k], p.at[: T + k]
-            y_ft, y_test = forward(Wt, at, p.X_ft), forward(Wt, at, p.X_test)
-            before[str(k)].append(mse(W, a, p.X_test, y_test))
-            for s in cfg.strategies:
-                out = finetune(W, a, p.X_ft, y_ft, s, cfg.finetune_steps, cfg.finetune_lr, cfg.fraction,
-                               cfg.mask_interval)
-                dW, da = out["W"] - W, out["a"] - a
-                r = per[str(k)][s]
-                r["test_loss"].append(mse(out["W"], out["a"], p.X_test, y_test))
-                r["distance"].append(math.sqrt(float(dW.pow(2).sum() + da.pow(2).sum())))
-                r["path_length"].append(out["path_length"])
-                r["gradient_share"].append(out["gradient_share"])
-                r["large_neuron_distance"].append(
-                    math.sqrt(float(dW[large].pow(2).sum() + da[large].pow(2).sum())))
-                r["ever_changed_fraction_W"].append(out["ever_changed_fraction"]["W"])
-                r["ever_changed_fraction_a"].append(out["ever_changed_fraction"]["a"])
-                mc = checks["max_changed_per_step"].setdefault(s, {"W": 0, "a": 0})
-                for key in ("W", "a"):
-                    mc[key] = max(mc[key], out["max_changed_per_step"][key])
-                checks["kept"][s] = out["kept"]
-                if figure is not None and i == cfg.figure_seed:
-                    figure["finetuned"].setdefault(str(k), {})[s] = _neurons(out["W"], out["a"])
-                tick(f"seed {seed} k={k} {s}: test mse {r['test_loss'][-1]:.2e}")
+
+    def one_run(i: int, k: int, update: str, strategy: str, lr: float) -> dict:
+        p, W, a, large = pretrained[i]
+        Wt, at = p.Wt[: T + k], p.at[: T + k]
+        out = finetune(W, a, p.X_ft, forward(Wt, at, p.X_ft), strategy, cfg.finetune_steps, lr, cfg.fraction,
+                       cfg.mask_interval, update=update)
+        dW, da = out["W"] - W, out["a"] - a
+        return {"test_loss": mse(out["W"], out["a"], p.X_test, forward(Wt, at, p.X_test)),
+                "val_loss": mse(out["W"], out["a"], p.X_val, forward(Wt, at, p.X_val)),
+                "distance": math.sqrt(float(dW.pow(2).sum() + da.pow(2).sum())),
+                "path_length": out["path_length"], "gradient_share": out["gradient_share"],
+                "large_neuron_distance": math.sqrt(float(dW[large].pow(2).sum() + da[large].pow(2).sum())),
+                "ever_changed_fraction_W": out["ever_changed_fraction"]["W"],
+                "ever_changed_fraction_a": out["ever_changed_fraction"]["a"],
+                "kept": out["kept"], "max_changed_per_step": out["max_changed_per_step"],
+                "final": _neurons(out["W"], out["a"]) if i == cfg.figure_seed else None}
+
+    tasks = {}
+    checks = {"max_changed_per_step": {}, "kept": {}}
+    for k in cfg.added_neurons:
+        before = [mse(W, a, p.X_test, forward(p.Wt[: T + k], p.at[: T + k], p.X_test)) for p, W, a, _ in pretrained]
+        task = {"pretrained_test_loss": _stats(before), "updates": {}}
+        for update in cfg.updates:
+            methods = {}
+            for strategy in cfg.strategies:
+                rates: dict[float, list[dict]] = {}
+                grid = list(cfg.lr_grids[update])
+                for lr in grid:
+                    rates[lr] = [one_run(i, k, update, strategy, lr) for i in range(len(seeds))]
+                    tick(f"k={k} {update} {strategy} lr {lr:g}")
+                extensions = 0
+                while (nxt := _next_rate(list(rates), choose_rate(rates))) is not None \
+                        and extensions < cfg.max_grid_extensions:
+                    rates[nxt] = [one_run(i, k, update, strategy, nxt) for i in range(len(seeds))]
+                    extensions += 1
+                    tick(f"k={k} {update} {strategy} lr {nxt:g} (grid extended)")
+                lr = choose_rate(rates)
+                runs = rates[lr]
+                methods[strategy] = {
+                    "lr": lr, "at_grid_edge": _next_rate(list(rates), lr) is not None,
+                    "rates": {f"{r:g}": {"val_log10_mse": sum(_log10(x["val_loss"]) for x in rates[r]) / len(seeds),
+                                         "test_log10_mse": sum(_log10(x["test_loss"]) for x in rates[r]) / len(seeds)}
+                              for r in sorted(rates)},
+                    **{m: _stats([r[m] for r in runs]) for m in METRICS}}
+                for r in runs:
+                    mc = checks["max_changed_per_step"].setdefault(f"{update}/{strategy}", {"W": 0, "a": 0})
+                    for key in ("W", "a"):
+                        mc[key] = max(mc[key], r["max_changed_per_step"][key])
+                    checks["kept"][f"{update}/{strategy}"] = r["kept"]
+                if figure is not None:
+                    figure["finetuned"].setdefault(str(k), {}).setdefault(update, {})[strategy] = \
+                        runs[cfg.figure_seed]["final"]
+            task["updates"][update] = {"methods": methods}
+        tasks[str(k)] = task
     if bar is not None:
         bar.close()
 
-    tasks = {}
-    for k in cfg.added_neurons:
-        tasks[str(k)] = {"pretrained_test_loss": _stats(before[str(k)]),
-                         "methods": {s: {m: _stats(v) for m, v in per[str(k)][s].items()} for s in cfg.strategies}}
     cfg_dict = asdict(cfg)
-    cfg_dict["added_neurons"] = list(cfg.added_neurons)
-    cfg_dict["strategies"] = list(cfg.strategies)
+    for key in ("added_neurons", "strategies", "updates"):
+        cfg_dict[key] = list(getattr(cfg, key))
+    cfg_dict["lr_grids"] = {u: list(g) for u, g in cfg.lr_grids.items()}
     return {
         "config": cfg_dict,
         "seeds": seeds,
@@ -357,74 +472,111 @@ def _run(cfg: ToyConfig, tick: Callable, bar) -> dict:
                      "large_neurons": _stats([float(c) for c in large_counts])},
         "tasks": tasks,
         "checks": checks,
-        "verdict": _verdict(tasks, cfg),
+        "comparisons": comparisons(tasks, cfg),
         "figure": figure,
         "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": "float64"},
         "elapsed_s": time.perf_counter() - start,
     }
 
 
-def _verdict(tasks: dict, cfg: ToyConfig) -> dict:
-    out = {}
-    for regime, (small, large) in PAIRS.items():
-        if not {small, large} <= set(cfg.strategies):
-            continue
-        out[regime] = {}
-        for k, t in tasks.items():
-            sw, lg = t["methods"][small], t["methods"][large]
-            res = {}
-            for metric in ("test_loss", "distance", "large_neuron_distance"):
-                wins = sum(x < y for x, y in zip(sw[metric]["values"], lg[metric]["values"]))
-                res[metric] = {"small_weights_lower_mean": sw[metric]["mean"] < lg[metric]["mean"],
-                               "seeds_small_weights_lower": wins, "seeds": len(sw[metric]["values"])}
-            out[regime][k] = res
-    return out
+# the metrics compared between the masks: test MSE on a log scale (it spans orders of magnitude
+# across seeds), distances as they are
+COMPARED = {"log10_test_mse": ("test_loss", _log10), "distance": ("distance", float),
+            "large_neuron_distance": ("large_neuron_distance", float)}
+
+
+def comparisons(tasks: dict, cfg: ToyConfig) -> list[dict]:
+    """Small weights minus large gradients, per seed at each one's chosen rate, for every update
+    rule, mask regime and task: the mean difference with its 95 % t-interval and the verdict it
+    supports (``lower``: small weights lower on the whole interval)."""
+    from ..analysis.stats import judged_difference
+
+    rows = []
+    for k, task in tasks.items():
+        for update, u in task["updates"].items():
+            for regime, (small, large) in PAIRS.items():
+                if not {small, large} <= set(u["methods"]):
+                    continue
+                for name, (metric, transform) in COMPARED.items():
+                    a = u["methods"][small][metric]["values"]
+                    b = u["methods"][large][metric]["values"]
+                    diffs = [transform(x) - transform(y) for x, y in zip(a, b)]
+                    diffs = [d for d in diffs if math.isfinite(d)]
+                    rows.append({"added": k, "update": update, "regime": regime, "metric": name,
+                                 **judged_difference(diffs)})
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # outputs
 
 
+def _cell(stats: dict) -> str:
+    if stats["mean"] is None or stats["std"] is None:
+        return "diverged on some seed"
+    return ex.mean_std(stats)
+
+
+def _interval(row: dict) -> str:
+    if row["lo"] is None or row["hi"] is None:
+        return f"{row['mean']:.3g} (n = {row['n']})" if row["mean"] is not None else "-"
+    return f"{row['mean']:+.3g} [{row['lo']:+.3g}, {row['hi']:+.3g}]"
+
+
 def render(result: dict, out_dir: str) -> list[Path]:
-    """``toy.md`` (tables of the result's numbers and its settings) and one ``toy_<k>_added.png``
-    per task, from ``result`` as read back from ``toy.json``."""
+    """``toy.md`` (tables of the result's numbers and its settings) and one ``toy_<k>_added_<update>.png``
+    per task and update rule, from ``result`` as read back from ``toy.json``."""
     cfg = result["config"]
     pre = result["pretrain"]
     sections = [
-        f"Mean ± sample std (ddof 1) over {cfg['n_seeds']} seeds {result['seeds']}; test loss = MSE on "
-        f"{cfg['n_test']} fresh samples of the finetuning task; distance = L2 from the pretrained parameters.", "",
+        f"Mean ± sample std (ddof 1) over {cfg['n_seeds']} seeds {result['seeds'][0]}..{result['seeds'][-1]}; "
+        f"test loss = MSE on {cfg['n_test']} fresh samples of the finetuning task; each method's rate is the one "
+        f"with the lowest mean log10 MSE on {cfg['n_val']} further fresh samples (validation, never the test "
+        "samples); distance = L2 from the pretrained parameters.", "",
         ex.markdown_table(["pretraining", "train MSE", "test MSE", "large neurons"],
-                       [["student", ex.mean_std(pre["train_loss"]), ex.mean_std(pre["test_loss"]),
-                         f"{ex.mean_std(pre['large_neurons'])} of {cfg['student_width']}"]]), ""]
+                          [["student", ex.mean_std(pre["train_loss"]), ex.mean_std(pre["test_loss"]),
+                            f"{ex.mean_std(pre['large_neurons'])} of {cfg['student_width']}"]]), "",
+        "## Small weights minus large gradients, paired by seed", "",
+        "Mean difference [95 % t-interval]; the verdict is `lower` (small weights lower) or `higher` only when the "
+        "whole interval is on that side of zero.", "",
+        ex.markdown_table(["added neurons", "update", "masks", "metric", "difference", "verdict"],
+                          [[r["added"], UPDATE_LABELS[r["update"]], r["regime"], r["metric"], _interval(r),
+                            r["verdict"]] for r in result["comparisons"]]), ""]
     written = []
+    columns = ("test_loss", "distance", "large_neuron_distance", "path_length", "ever_changed_fraction_W",
+               "gradient_share")
     for k, task in result["tasks"].items():
-        columns = ("test_loss", "distance", "large_neuron_distance", "path_length", "ever_changed_fraction_W",
-                   "gradient_share")
-        rows = [[LABELS[name], *(ex.mean_std(m[c]) for c in columns)] for name, m in task["methods"].items()]
         sections += [f"## {k} added neuron{'s' if k != '1' else ''}", "",
-                     f"Pretrained student on the new task: test MSE {ex.mean_std(task['pretrained_test_loss'])}.", "",
-                     ex.markdown_table(["method", "test loss", "distance", "large-neuron distance", "path length",
-                                     "touched (W)", "gradient share"], rows), ""]
-        for regime, per_task in result["verdict"].items():
-            loss, dist = per_task[k]["test_loss"], per_task[k]["distance"]
-            sections.append(f"Seeds on which small weights are lower ({regime} masks): test loss "
-                            f"{loss['seeds_small_weights_lower']}/{loss['seeds']}, "
-                            f"distance {dist['seeds_small_weights_lower']}/{dist['seeds']}.")
-        if result.get("figure") is not None:
-            written.append(plot_task(result, k, os.path.join(out_dir, _figure_name(k))))
-            sections += ["", f"![{k} added]({_figure_name(k)})"]
-        sections.append("")
+                     f"Pretrained student on the new task: test MSE {ex.mean_std(task['pretrained_test_loss'])}.", ""]
+        for update, u in task["updates"].items():
+            rows = [[LABELS[name], f"{m['lr']:g}" + (" (grid edge)" if m["at_grid_edge"] else ""),
+                     *(_cell(m[c]) for c in columns)] for name, m in u["methods"].items()]
+            sections += [f"### {UPDATE_LABELS[update]}", "",
+                         ex.markdown_table(["method", "rate", "test loss", "distance", "large-neuron distance",
+                                            "path length", "touched (W)", "gradient share"], rows), "",
+                         "Mean log10 validation MSE at each rate tried:", "",
+                         ex.markdown_table(["method", "rates: validation (test)"],
+                                           [[LABELS[name], ", ".join(
+                                               f"{r}: {v['val_log10_mse']:.2f} ({v['test_log10_mse']:.2f})"
+                                               if v["val_log10_mse"] is not None else f"{r}: diverged"
+                                               for r, v in m["rates"].items())]
+                                            for name, m in u["methods"].items()]), ""]
+            if result.get("figure") is not None and update in result["figure"]["finetuned"].get(k, {}):
+                name = _figure_name(k, update)
+                written.append(plot_task(result, k, update, os.path.join(out_dir, name)))
+                sections += [f"![{k} added, {update}]({name})", ""]
     sections += ["## Settings", "", ex.settings_table(cfg)]
     title = "Toy teacher-student: small weights vs large gradients (Sec. 2.3, Fig. 3, Tables 8 and 9)"
     return [*written, ex.write_markdown(out_dir, "toy", title, result, sections)]
 
 
-def _figure_name(k) -> str:
-    return f"toy_{k}_added.png"
+def _figure_name(k, update) -> str:
+    return f"toy_{k}_added_{update}.png"
 
 
-def plot_task(result: dict, k: str, path: str) -> Path:
-    """Draw Fig. 3 for task ``k`` (a panel per strategy) into ``path`` (PNG, written atomically)."""
+def plot_task(result: dict, k: str, update: str, path: str) -> Path:
+    """Draw Fig. 3 for task ``k`` and update rule ``update`` (a panel per strategy) into ``path``
+    (PNG, written atomically)."""
     plt = ex.pyplot()
 
     fig_data = result["figure"]
@@ -444,7 +596,8 @@ def plot_task(result: dict, k: str, path: str) -> Path:
         return ((a.abs()[:, None] * W) @ P.T).numpy()
 
     order = ["small_weights", "large_gradients", "full", "small_weights_static", "large_gradients_static"]
-    strategies = sorted(fig_data["finetuned"][k], key=order.index)
+    finetuned = fig_data["finetuned"][k][update]
+    strategies = sorted(finetuned, key=order.index)
     ncols = min(3, len(strategies))
     nrows = math.ceil(len(strategies) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 4.4 * nrows + 0.6), squeeze=False)
@@ -456,8 +609,8 @@ def plot_task(result: dict, k: str, path: str) -> Path:
     pp = pts(Wp, ap)
     lim = 1.25 * max(1.0, float(abs(tp).max()), float(abs(pp).max()))
     for ax, s in zip(used, strategies):
-        Wf = torch.tensor(fig_data["finetuned"][k][s]["W"], dtype=DTYPE)
-        af = torch.tensor(fig_data["finetuned"][k][s]["a"], dtype=DTYPE)
+        Wf = torch.tensor(finetuned[s]["W"], dtype=DTYPE)
+        af = torch.tensor(finetuned[s]["a"], dtype=DTYPE)
         fp = pts(Wf, af)
         lim = max(lim, 1.1 * float(abs(fp).max()))
         for i in range(tp.shape[0]):  # a handful of teacher arrows
@@ -472,9 +625,10 @@ def plot_task(result: dict, k: str, path: str) -> Path:
         cf = [colour[bool(v > 0)] for v in af]
         ax.scatter(pp[:, 0], pp[:, 1], facecolors="none", edgecolors=cp, s=36, lw=1.2, zorder=2)
         ax.scatter(fp[:, 0], fp[:, 1], c=cf, s=14, zorder=3)
-        m, i = result["tasks"][k]["methods"][s], result["config"]["figure_seed"]
-        ax.set_title(f"{LABELS[s]}\nseed {fig_data['seed']}: test MSE {m['test_loss']['values'][i]:.2e}, "
-                     f"distance {m['distance']['values'][i]:.2f}", fontsize=9)
+        m, i = result["tasks"][k]["updates"][update]["methods"][s], result["config"]["figure_seed"]
+        loss, dist = m["test_loss"]["values"][i], m["distance"]["values"][i]
+        ax.set_title(f"{LABELS[s]}, lr {m['lr']:g}\nseed {fig_data['seed']}: test MSE "
+                     + (f"{loss:.2e}, distance {dist:.2f}" if loss is not None else "diverged"), fontsize=9)
         ax.axhline(0, color="0.85", lw=0.6, zorder=0)
         ax.axvline(0, color="0.85", lw=0.6, zorder=0)
         ax.set_aspect("equal")
@@ -489,7 +643,8 @@ def plot_task(result: dict, k: str, path: str) -> Path:
                Line2D([], [], marker="o", ls="", mfc="none", mec="k", label="pretrained |a_j| w_j"),
                Line2D([], [], marker="o", ls="", color="k", ms=4, label="finetuned (red a>0, blue a<0)")]
     fig.legend(handles=handles, loc="lower center", ncol=3 if ncols < 3 else 5, fontsize=7.5, frameon=False)
-    fig.suptitle(f"{k} added neuron{'s' if k != '1' else ''}, fraction {result['config']['fraction']:g} per layer",
+    fig.suptitle(f"{k} added neuron{'s' if k != '1' else ''}, {UPDATE_LABELS[update]}, fraction "
+                 f"{result['config']['fraction']:g} per layer",
                  fontsize=10)
     fig.tight_layout(rect=(0, 0.5 / (4.4 * nrows + 0.6), 1, 1 - 0.3 / (4.4 * nrows + 0.6)), h_pad=2.5)
     return ex.save_figure(fig, path, dpi=130)
