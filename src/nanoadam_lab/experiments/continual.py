@@ -1,0 +1,485 @@
+"""Vision continual finetuning with frontiers (paper Sec. 4, Table 4; DESIGN.md section 5).
+
+The question: at equal success on a new task, does an optimizer keep more of an old one? One
+pretrained network (a CNN of about 1.15 M parameters, pretrained with AdamW on digits 0-4 of
+scikit-learn's 8x8 ``digits``) is finetuned on task 1 (digits 5-9, new head ``fc``), then on
+task 2 (the same images transformed, under another label map, with a new head), and task 1 is
+scored again with its own head reloaded. Two second tasks: ``similar`` (rotated by 15 degrees)
+and ``dissimilar`` (rotated by 90 degrees, the case the paper's limitations section expects
+NanoAdam may lose).
+
+Protocol, the same for every method (a registry optimizer at a density), no one special-cased:
+
+* Every stage uses the recipe (``recipe.Recipe``: 6 % warmup, linear decay, clipping at 1.0;
+  the final weights are scored), ``epochs`` epochs of ``batch_size`` on the training images minus
+  a held-out slice (``heldout_fraction``, stratified). Seed ``s`` fixes the batch order and the new
+  heads' initialization, the same for every method.
+* Task-1 rate: the grid rate with the lowest held-out task-1 loss on the first seed (a best rate
+  on an edge extends the grid). Every seed then trains task 1 at that rate.
+* Task 2 runs over the method's whole grid for every seed (the first seed decides grid
+  extensions, by held-out task-2 loss). Each rate is a point of the method's frontier: mean
+  task-2 test accuracy against mean task-1 test accuracy after task 2.
+* Tuned comparison: the task-2 rate with the lowest mean held-out task-2 loss; per-seed paired
+  differences against AdamW (task-2 accuracy, task-1 accuracy after task 2, forgetting) with
+  95 % t-intervals; and retention at equal task-2 score against AdamW's frontier
+  (``analysis.frontier``). Test images are never used to choose anything.
+
+BatchNorm running statistics are buffers, updated by the forward passes of task 2 under every
+optimizer alike (as in the paper's ResNets). Runs are written one file each under
+``out_dir/runs`` as they finish, and a rerun resumes from them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import experiment as ex
+from .._io import atomic_write_json
+from ..baselines import build_optimizer
+from .recipe import Recipe, shuffled_batches
+
+# label -> (registry name, overrides). Densities 1 % and 0.1 % as the paper's vision runs;
+# MicroAdam's density is its gradient density.
+METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "adamw": ("adamw", {}),
+    "nanoadam-1%": ("nanoadam", {"density": 0.01}),
+    "nanoadam-0.1%": ("nanoadam", {"density": 0.001}),
+    "lift-1%": ("lift", {"density": 0.01}),
+    "lift-0.1%": ("lift", {"density": 0.001}),
+    "microadam-1%": ("microadam", {"density": 0.01}),
+    "microadam-0.1%": ("microadam", {"density": 0.001}),
+}
+# Rates a factor ~3 apart; the sparse methods' grids sit ten times higher, as the paper's vision
+# runs (Tables 19, 21, 22). Edges extend.
+LR_GRIDS: dict[str, tuple[float, ...]] = {
+    "adamw": (1e-4, 3e-4, 1e-3, 3e-3),
+    "nanoadam": (1e-3, 3e-3, 1e-2, 3e-2),
+    "lift": (1e-3, 3e-3, 1e-2, 3e-2),
+    "microadam": (1e-4, 3e-4, 1e-3, 3e-3),
+}
+TASK2 = {"similar": 15.0, "dissimilar": 90.0}  # rotation in degrees
+_STAGE = {"task1": 1, "similar": 2, "dissimilar": 3}  # seeds the batch order and the new head of each stage
+REFERENCE = "adamw"
+
+
+@dataclass
+class ContinualConfig:
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    task2: list[str] = field(default_factory=lambda: list(TASK2))
+    seeds: int = 10
+    first_seed: int = 0
+    lr_grids: dict[str, tuple[float, ...]] = field(default_factory=lambda: dict(LR_GRIDS))
+    max_grid_extensions: int = 2
+    mask_interval: int = 50  # NanoAdam and LIFT: 450 steps a task, 9 refreshes
+    epochs: float = 30.0
+    batch_size: int = 32
+    channels: tuple[int, int, int] = (32, 64, 128)
+    widths: tuple[int, int] = (1024, 512)  # the body's Linear layers after the convolutions
+    pretrain_epochs: int = 30
+    pretrain_lr: float = 1e-3
+    pretrain_seed: int = 0
+    split_seed: int = 0
+    test_fraction: float = 0.4
+    heldout_fraction: float = 0.15
+    label_shift: int = 2  # task-2 label = (task-1 label + shift) % 5
+    threads: int = 1
+
+    def __post_init__(self):
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise ValueError(f"unknown method(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(METHODS)}")
+        if REFERENCE not in self.methods:
+            raise ValueError(f"the methods must include the reference {REFERENCE!r}")
+        if not self.task2 or set(self.task2) - set(TASK2):
+            raise ValueError(f"task2 takes {' and/or '.join(TASK2)}, got {self.task2!r}")
+        if self.seeds < 1 or self.epochs <= 0 or self.batch_size < 1:
+            raise ValueError("seeds and batch_size must be >= 1 and epochs > 0")
+        for name in {METHODS[m][0] for m in self.methods}:
+            grid = self.lr_grids.get(name)
+            if not grid or any(not lr > 0 for lr in grid):
+                raise ValueError(f"lr_grids[{name!r}] must be a non-empty list of rates > 0")
+
+
+class DigitsNet(nn.Module):
+    """Three conv(3x3, no bias)+BatchNorm+ReLU blocks (max-pool after the 2nd and 3rd), two body
+    Linear layers (``neck``) and the ``fc`` head; most parameters sit in the body's Linear layers."""
+
+    def __init__(self, channels=(32, 64, 128), widths=(1024, 512), num_classes: int = 5):
+        super().__init__()
+        c1, c2, c3 = channels
+        self.features = nn.Sequential(
+            nn.Conv2d(1, c1, 3, padding=1, bias=False), nn.BatchNorm2d(c1), nn.ReLU(),
+            nn.Conv2d(c1, c2, 3, padding=1, bias=False), nn.BatchNorm2d(c2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(c2, c3, 3, padding=1, bias=False), nn.BatchNorm2d(c3), nn.ReLU(), nn.MaxPool2d(2))
+        w1, w2 = widths
+        self.neck = nn.Sequential(nn.Flatten(), nn.Linear(4 * c3, w1), nn.ReLU(), nn.Linear(w1, w2), nn.ReLU())
+        self.fc = nn.Linear(w2, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.neck(self.features(x)))
+
+
+def rotate(images: torch.Tensor, degrees: float) -> torch.Tensor:
+    """Rotates (N, 1, H, W) images about their centre (bilinear, zeros outside); exact for 90."""
+    if degrees % 90 == 0:
+        return torch.rot90(images, int(degrees // 90) % 4, dims=(2, 3))
+    theta = math.radians(degrees)
+    matrix = torch.tensor([[math.cos(theta), -math.sin(theta), 0.0], [math.sin(theta), math.cos(theta), 0.0]])
+    grid = nn.functional.affine_grid(matrix.expand(len(images), 2, 3), list(images.shape), align_corners=False)
+    return nn.functional.grid_sample(images, grid, align_corners=False)
+
+
+def _stratified(labels: torch.Tensor, fraction: float, gen: torch.Generator) -> tuple[list[int], list[int]]:
+    rest, part = [], []
+    for c in sorted(set(labels.tolist())):
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=gen)].tolist()
+        n = round(fraction * len(idx))
+        part += idx[:n]
+        rest += idx[n:]
+    return sorted(rest), sorted(part)
+
+
+class Digits:
+    """Pretraining images (digits 0-4), task images (digits 5-9, and their rotations), splits."""
+
+    def __init__(self, cfg: ContinualConfig):
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+        y = torch.tensor(digits.target, dtype=torch.long)
+        pre = y < 5
+        self.pre_x, self.pre_y = x[pre], y[pre]
+        self.x, self.y = x[~pre], y[~pre] - 5
+        gen = torch.Generator().manual_seed(cfg.split_seed)
+        train, self.test = _stratified(self.y, cfg.test_fraction, gen)
+        fit, held = _stratified(self.y[train], cfg.heldout_fraction, gen)
+        self.fit, self.heldout = [train[i] for i in fit], [train[i] for i in held]
+        self.tasks = {"task1": (self.x, self.y)}
+        for kind in cfg.task2:
+            self.tasks[kind] = (rotate(self.x, TASK2[kind]), (self.y + cfg.label_shift) % 5)
+
+
+def pretrain(data: Digits, cfg: ContinualConfig) -> nn.Module:
+    torch.manual_seed(cfg.pretrain_seed)
+    model = DigitsNet(cfg.channels, cfg.widths)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
+    batches = shuffled_batches(len(data.pre_y), cfg.batch_size, cfg.pretrain_seed)
+    model.train()
+    for _ in range(cfg.pretrain_epochs * math.ceil(len(data.pre_y) / cfg.batch_size)):
+        idx = torch.tensor(next(batches))
+        loss = nn.functional.cross_entropy(model(data.pre_x[idx]), data.pre_y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return model
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Digits, task: str, indices: list[int]) -> dict[str, float]:
+    x, y = data.tasks[task]
+    idx = torch.tensor(indices)
+    model.eval()
+    logits = model(x[idx])
+    model.train()
+    loss = float(nn.functional.cross_entropy(logits, y[idx]))
+    return {"accuracy": float((logits.argmax(-1) == y[idx]).float().mean()),
+            "loss": loss if math.isfinite(loss) else math.inf}
+
+
+def train_stage(model: nn.Module, data: Digits, task: str, method: str, lr: float, seed: int,
+                cfg: ContinualConfig) -> dict:
+    """A new head (seeded), then the recipe with a fresh optimizer on ``task``'s training images."""
+    torch.manual_seed(10_000 * seed + _STAGE[task])  # the same new head for every method
+    model.fc = nn.Linear(model.fc.in_features, 5)
+    name, overrides = METHODS[method]
+    if name in ("nanoadam", "lift"):
+        overrides = {**overrides, "mask_interval": cfg.mask_interval}
+    steps = math.ceil(cfg.epochs * math.ceil(len(data.fit) / cfg.batch_size))
+    bundle = build_optimizer(name, model, lr=lr, total_steps=steps, **overrides)
+    recipe = Recipe()
+    schedule = recipe.scheduler(bundle.optimizer, steps)
+    batches = shuffled_batches(len(data.fit), cfg.batch_size, 1000 * seed + _STAGE[task])
+    x, y = data.tasks[task]
+    model.train()
+    loss = torch.zeros(())
+    for _ in range(steps):
+        idx = torch.tensor([data.fit[i] for i in next(batches)])
+        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        if not torch.isfinite(loss):
+            break
+        loss.backward()
+        recipe.clip(model.parameters())
+        bundle.step()
+        schedule.step()
+        bundle.optimizer.zero_grad(set_to_none=True)
+    return {"final_train_loss": float(loss.detach()), "diverged": not bool(torch.isfinite(loss))}
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    return sum(xs) / len(xs) if xs else math.inf
+
+
+def _best(rates: dict[float, list[float]]) -> float:
+    """The rate with the lowest mean held-out loss (diverged: +inf); ties to the smaller rate."""
+    return min(rates, key=lambda lr: (_mean(rates[lr]) if all(math.isfinite(v) for v in rates[lr]) else math.inf, lr))
+
+
+def _beyond(grid: list[float], best: float) -> float | None:
+    grid = sorted(grid)
+    if len(grid) < 2 or grid[0] < best < grid[-1]:
+        return None
+    rate = grid[0] ** 2 / grid[1] if best == grid[0] else grid[-1] ** 2 / grid[-2]
+    return float(f"{rate:.3g}")
+
+
+class Runs:
+    """One JSON file per finished run under ``root``; ``get`` computes and stores a missing one."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def get(self, *parts: str, compute) -> dict:
+        path = self.root.joinpath(*parts[:-1], parts[-1] + ".json")  # not with_suffix: "lr0.001" has a dot
+        if path.exists():
+            return json.loads(path.read_text())
+        record = compute()
+        atomic_write_json(path, ex.jsonable(record))
+        return json.loads(path.read_text())
+
+
+def run(config: ContinualConfig, out_dir: str, progress=None) -> dict:
+    """Runs (or resumes) the whole experiment; returns the JSON-ready result."""
+    cfg = config
+    started = time.perf_counter()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        data = Digits(cfg)
+        pretrained = pretrain(data, cfg)
+        runs = Runs(Path(out_dir) / "runs")
+        seeds = [cfg.first_seed + i for i in range(cfg.seeds)]
+        tick = progress if callable(progress) else (lambda msg: None)
+        methods = {}
+        for method in cfg.methods:
+            grid = sorted(cfg.lr_grids[METHODS[method][0]])
+            models: dict[tuple[float, int], nn.Module] = {}
+
+            def task1(lr: float, seed: int) -> dict:
+                def compute():
+                    model = copy.deepcopy(pretrained)
+                    info = train_stage(model, data, "task1", method, lr, seed, cfg)
+                    models[(lr, seed)] = model  # the chosen one continues into task 2
+                    return {**info, "heldout": evaluate(model, data, "task1", data.heldout),
+                            "test": evaluate(model, data, "task1", data.test)}
+                return runs.get("task1", method, f"lr{lr:g}-seed{seed}", compute=compute)
+
+            # task-1 rate: first seed, held-out loss, grid extended at an edge
+            tuning = {lr: task1(lr, seeds[0]) for lr in grid}
+            for _ in range(cfg.max_grid_extensions):
+                nxt = _beyond(list(tuning), _best({lr: [r["heldout"]["loss"]] for lr, r in tuning.items()}))
+                if nxt is None:
+                    break
+                tuning[nxt] = task1(nxt, seeds[0])
+            lr1 = _best({lr: [r["heldout"]["loss"]] for lr, r in tuning.items()})
+            tick(f"{method}: task-1 rate {lr1:g}")
+
+            def task1_model(seed: int) -> nn.Module:
+                if (lr1, seed) not in models:  # retrain (deterministic) when resuming
+                    model = copy.deepcopy(pretrained)
+                    train_stage(model, data, "task1", method, lr1, seed, cfg)
+                    models[(lr1, seed)] = model
+                return models[(lr1, seed)]
+
+            kinds = {}
+            for kind in cfg.task2:
+                def task2(lr: float, seed: int) -> dict:
+                    def compute():
+                        model = copy.deepcopy(task1_model(seed))
+                        head1 = copy.deepcopy(model.fc)
+                        before = evaluate(model, data, "task1", data.test)
+                        info = train_stage(model, data, kind, method, lr, seed, cfg)
+                        record = {**info, "task1_before": before["accuracy"],
+                                  "task2_heldout": evaluate(model, data, kind, data.heldout),
+                                  "task2_test": evaluate(model, data, kind, data.test)}
+                        model.fc = head1  # the task-1 head, as it was after task 1
+                        record["task1_after_heldout"] = evaluate(model, data, "task1", data.heldout)
+                        record["task1_after_test"] = evaluate(model, data, "task1", data.test)
+                        return record
+                    record = runs.get(kind, method, f"lr{lr:g}-seed{seed}", compute=compute)
+                    tick(f"{method} {kind} lr {lr:g} seed {seed}")
+                    return record
+
+                grid2 = list(grid)
+                first = {lr: task2(lr, seeds[0]) for lr in grid2}
+                for _ in range(cfg.max_grid_extensions):
+                    nxt = _beyond(list(first), _best({lr: [r["task2_heldout"]["loss"]] for lr, r in first.items()}))
+                    if nxt is None:
+                        break
+                    first[nxt] = task2(nxt, seeds[0])
+                grid2 = sorted(first)
+                cells = {lr: [first[lr]] + [task2(lr, s) for s in seeds[1:]] for lr in grid2}
+                models.clear()
+                kinds[kind] = summarize_cells(cells)
+            methods[method] = {"lr_task1": lr1, "task1_tuning": {f"{lr:g}": r["heldout"] for lr, r in
+                                                                 sorted(tuning.items())}, "task2": kinds}
+        return {"config": ex.jsonable(asdict(cfg)), "seeds": seeds,
+                "parameters": sum(p.numel() for p in pretrained.parameters()),
+                "sizes": {"fit": len(data.fit), "heldout": len(data.heldout), "test": len(data.test),
+                          "pretrain": len(data.pre_y)},
+                "methods": methods, "comparisons": compare(methods, cfg.task2),
+                "elapsed_s": time.perf_counter() - started, "machine": ex.machine_info()}
+    finally:
+        torch.set_num_threads(threads)
+
+
+def summarize_cells(cells: dict[float, list[dict]]) -> dict:
+    """Per rate: the per-seed test scores and their means; the rate tuned by held-out loss."""
+    grid = {}
+    for lr, records in cells.items():
+        task2 = [r["task2_test"]["accuracy"] for r in records]
+        after = [r["task1_after_test"]["accuracy"] for r in records]
+        before = [r["task1_before"] for r in records]
+        grid[f"{lr:g}"] = {"lr": lr, "task2": task2, "task1_after": after, "task1_before": before,
+                           "forgetting": [b - a for b, a in zip(before, after)],
+                           "heldout_loss": [r["task2_heldout"]["loss"] for r in records],
+                           "diverged": sum(bool(r["diverged"]) for r in records),
+                           "mean_task2": statistics.fmean(task2), "mean_task1_after": statistics.fmean(after)}
+    tuned = _best({g["lr"]: g["heldout_loss"] for g in grid.values()})
+    return {"grid": grid, "tuned_lr": tuned, "tuned_at_edge": _beyond([g["lr"] for g in grid.values()], tuned)
+            is not None}
+
+
+def compare(methods: dict, kinds: list[str]) -> list[dict]:
+    """Each method against AdamW, per second task: paired per-seed differences at the tuned rates,
+    and retention at equal task-2 score against AdamW's frontier of grid means."""
+    from ..analysis.frontier import retention_at_equal_score
+    from ..analysis.stats import judged_difference
+
+    rows = []
+    for kind in kinds:
+        ref = methods[REFERENCE]["task2"][kind]
+        ref_cell = ref["grid"][f"{ref['tuned_lr']:g}"]
+        reference = {"grid": [{"validation": g["mean_task2"], "retention": g["mean_task1_after"]}
+                              for g in ref["grid"].values()]}
+        for method, m in methods.items():
+            if method == REFERENCE:
+                continue
+            k = m["task2"][kind]
+            cell = k["grid"][f"{k['tuned_lr']:g}"]
+            row = {"kind": kind, "method": method}
+            for metric in ("task2", "task1_after", "forgetting"):
+                row[metric] = judged_difference([a - b for a, b in zip(cell[metric], ref_cell[metric])])
+            equal = retention_at_equal_score({"scores": cell["task2"], "retention": cell["task1_after"]}, reference)
+            equal.pop("front")
+            row["retention_at_equal_task2"] = equal
+            rows.append(row)
+    return rows
+
+
+# -- rendering ---------------------------------------------------------------------------------
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def _ci(d: dict) -> str:
+    if d.get("lo") is None or d.get("hi") is None or d["n"] < 2:
+        return f"{_pct(d.get('mean'))} (n = {d['n']})"
+    return f"{100 * d['mean']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"
+
+
+def _ms(xs) -> str:
+    xs = [x for x in xs if x is not None]
+    if len(xs) < 2:
+        return _pct(xs[0]) if xs else "-"
+    return f"{100 * statistics.fmean(xs):.1f} ± {100 * statistics.stdev(xs):.1f}"
+
+
+def render(result: dict, out_dir: str) -> list[Path]:
+    cfg = result["config"]
+    sections = [f"{result['parameters'] / 1e6:.2f} M-parameter CNN, {len(result['seeds'])} seeds, {cfg['epochs']:g} "
+                f"epochs a task; accuracy x 100 on the test images (task 1: {result['sizes']['test']} images); "
+                f"rates chosen on {result['sizes']['heldout']} held-out training images, never on the test images.",
+                ""]
+    written = []
+    for kind in cfg["task2"]:
+        rows = []
+        for method, m in result["methods"].items():
+            k = m["task2"][kind]
+            c = k["grid"][f"{k['tuned_lr']:g}"]
+            rows.append([method, f"{m['lr_task1']:g}", f"{k['tuned_lr']:g}" + (" (edge)" if k["tuned_at_edge"] else ""),
+                         _ms(c["task1_before"]), _ms(c["task2"]), _ms(c["task1_after"]), _ms(c["forgetting"])])
+        comp = [[r["method"], _ci(r["task2"]), r["task2"]["verdict"], _ci(r["task1_after"]), r["task1_after"]["verdict"],
+                 _ci(r["retention_at_equal_task2"]), r["retention_at_equal_task2"]["verdict"],
+                 f"{r['retention_at_equal_task2']['seeds_above_front']} / "
+                 f"{r['retention_at_equal_task2']['seeds_below_front']}"]
+                for r in result["comparisons"] if r["kind"] == kind]
+        grid_rows = [[method, ", ".join(f"{lr}: {_pct(g['mean_task2'])} / {_pct(g['mean_task1_after'])}"
+                                        + (f" ({g['diverged']} diverged)" if g["diverged"] else "")
+                                        for lr, g in m["task2"][kind]["grid"].items())]
+                     for method, m in result["methods"].items()]
+        name = f"continual_{kind}.png"
+        written.append(plot_frontiers(result, kind, Path(out_dir) / name))
+        sections += [f"## Task 2: {kind} (rotated {TASK2[kind]:g} degrees)", "",
+                     ex.markdown_table(["method", "task-1 rate", "task-2 rate (held-out loss)", "task 1", "task 2",
+                                        "task 1 after", "forgetting"], rows), "",
+                     "Against AdamW at the tuned rates, paired by seed: difference [95 % interval] and the verdict "
+                     "it supports. Retention at equal task-2 score: the method's per-seed task-1 accuracy after task "
+                     "2 minus AdamW's frontier (its grid means) at the same task-2 accuracy; seeds outside the "
+                     "frontier's range are counted (above / below) and left out.", "",
+                     ex.markdown_table(["method", "task 2", "", "task 1 after", "", "retention at equal task 2", "",
+                                        "outside AdamW's range"], comp), "",
+                     "Frontier points (mean task 2 / mean task 1 after, per rate):", "",
+                     ex.markdown_table(["method", "rate: task 2 / task 1 after"], grid_rows), "",
+                     f"![{kind}]({name})", ""]
+    sections += ["## Settings", "", ex.settings_table(cfg)]
+    title = "Vision continual finetuning: frontiers of new-task accuracy against old-task retention"
+    return [*written, ex.write_markdown(out_dir, "continual", title, result, sections)]
+
+
+def plot_frontiers(result: dict, kind: str, path: Path) -> Path:
+    """Task-1 accuracy after task 2 against task-2 accuracy, one line per method over its rates
+    (grid means), a panel per density (AdamW in each)."""
+    plt = ex.pyplot()
+    methods = list(result["methods"])
+    groups = sorted({m.rsplit("-", 1)[1] for m in methods if "-" in m}) or [""]
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.2 * len(groups), 4.4), squeeze=False)
+    for ax, density in zip(axes[0], groups):
+        for method in methods:
+            if method != REFERENCE and not method.endswith(density):
+                continue
+            grid = result["methods"][method]["task2"][kind]["grid"]
+            xs = [100 * g["mean_task2"] for g in grid.values()]
+            ys = [100 * g["mean_task1_after"] for g in grid.values()]
+            (line,) = ax.plot(xs, ys, marker="o", label=method)
+            for lr, x, y in zip(grid, xs, ys):
+                ax.annotate(lr, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7, color=line.get_color())
+        ax.set_xlabel(f"task 2 ({kind}) test accuracy, %")
+        ax.set_ylabel("task 1 test accuracy after task 2, %")
+        ax.set_title(f"density {density}" if density else kind, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Continual finetuning, task 2 {kind}: each point a learning rate, mean of "
+                 f"{len(result['seeds'])} seeds", fontsize=10)
+    fig.tight_layout()
+    return ex.save_figure(fig, str(path), dpi=120)
+
+
+def main(config: ContinualConfig, out_dir: str, command: str, progress=None) -> list[Path]:
+    def run_with_command(cfg):
+        return {"command": command, **run(cfg, out_dir, progress)}
+
+    return ex.run_and_render(run_with_command, render, config, out_dir, "continual")
