@@ -89,3 +89,14 @@ def test_net_has_a_million_parameters_mostly_in_body_linear_layers():
 def test_bad_config_is_refused(bad):
     with pytest.raises(ValueError):
         continual.ContinualConfig(**{**TINY, **bad})
+
+
+def test_demo_prints_the_frontier_tables(tmp_path, capsys):
+    from nanoadam_lab.experiments.demo import run_demo
+
+    written = run_demo(str(tmp_path), seed=1, progress=False, channels=(4, 8, 8), widths=(16, 8), pretrain_epochs=1,
+                       epochs=0.5, seeds=2, task2=["dissimilar"], max_grid_extensions=0)
+    assert {p.name for p in written} == {"continual.json", "continual.md", "continual_dissimilar.png"}
+    printed = capsys.readouterr().out
+    assert "| adamw |" in printed and "| nanoadam-1% |" in printed and "95 % interval" in printed
+    assert "## Settings" not in printed

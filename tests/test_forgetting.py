@@ -1,4 +1,4 @@
-"""Continual finetuning (paper Sec. 4): protocol, head reload, parameter shift, outputs, demo."""
+"""Continual finetuning (paper Sec. 4): protocol, head reload, parameter shift, outputs."""
 
 import copy
 import json
@@ -11,7 +11,6 @@ import torch
 from nanoadam.grouping import dense_parameter_names
 from nanoadam.selection import ChunkLayout
 from nanoadam_lab.experiments import forgetting as F
-from nanoadam_lab.experiments.demo import run_demo
 
 TINY = dict(n_seeds=2, channels=(4, 8, 8), hidden=16, pretrain_epochs=3, epochs=2.0, batch_size=64,
             optimizers=["adamw", "nanoadam"], lr_grids={"adamw": [1e-3, 3e-3], "nanoadam": [1e-2]},
@@ -205,16 +204,6 @@ def test_config_validation():
     full = F.LanguageConfig()  # the full language run: every optimizer, the GLUE quick budget
     assert full.optimizers == ["adamw", "adamw8bit", "galore", "microadam", "nanoadam", "nanoadam-static"]
     assert (full.task1, full.task2, full.train_limit, full.max_length) == ("sst2", "stsb", 1000, 64)
-
-
-def test_demo_runs(tmp_path, capsys):
-    out = run_demo(str(tmp_path), seed=1, progress=False, channels=(4, 8, 8), hidden=16, pretrain_epochs=2,
-                   epochs=1.0, n_seeds=1, batch_size=64, lr_grids={"adamw": [1e-3], "nanoadam": [1e-2]})
-    assert set(out["domains"]["vision"]["optimizers"]) == {"adamw", "nanoadam"}
-    assert out["domains"]["vision"]["seeds"] == [1]
-    printed = capsys.readouterr().out
-    assert "| adamw |" in printed and "| nanoadam |" in printed and "forgetting vs. adamw" in printed
-    assert (tmp_path / "forgetting_vision.png").exists() and (tmp_path / "forgetting.md").exists()
 
 
 @pytest.mark.skipif(not os.path.isdir(DATA), reason="shared GLUE data not at hand")

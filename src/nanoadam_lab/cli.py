@@ -126,6 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     reproduce = commands.add_parser("reproduce", help="the paper's analyses, each writing tables, figures and JSON")
     analyses = reproduce.add_subparsers(dest="analysis", parser_class=_Parser)
+    cont = analyses.add_parser("continual", help="vision continual finetuning: frontiers of new-task accuracy "
+                                                 "against old-task retention (AdamW, NanoAdam, LIFT, MicroAdam)")
+    cont.add_argument("--methods", type=_continual_methods, help="comma-separated (default: all): "
+                                                                 "adamw, nanoadam-1%%, nanoadam-0.1%%, lift-1%%, "
+                                                                 "lift-0.1%%, microadam-1%%, microadam-0.1%%")
+    cont.add_argument("--task2", default="similar,dissimilar", help="similar (15 degrees) and/or dissimilar (90)")
+    cont.add_argument("--seeds", type=_positive_int, default=10)
+    cont.add_argument("--epochs", type=_positive_float, default=30.0)
+    cont.add_argument("--threads", type=_positive_int, default=1)
+    cont.add_argument("--out", type=Path, default=Path("results/continual"))
     toy = analyses.add_parser("toy", help="two-layer ReLU teacher-student: small weights vs large gradients")
     toy.add_argument("--seed", type=int, default=0, help="first seed")
     toy.add_argument("--seeds", type=_positive_int, default=10, help="number of seeds")
@@ -175,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="language: quick (1000 examples, 1 epoch) or paper (whole sets, 5 epochs, batch 8)")
     forget.add_argument("--out", type=Path, default=Path("results/forgetting"))
 
-    demo = commands.add_parser("demo", help="the main job: does NanoAdam forget less than AdamW? (digits CNN, "
+    demo = commands.add_parser("demo", help="the main job: at equal new-task accuracy, does NanoAdam keep more of "
+                                            "the old task than AdamW? Frontiers over each one's rates (digits CNN, "
                                             "offline, about a minute)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", type=Path, default=Path("results/demo"))
@@ -292,6 +303,15 @@ def _names(text: str) -> list[str]:
 
 _FIT_VARIANTS = ("adamw", "adamw8bit", "galore", "microadam", "nanoadam", "nanoadam-in-backward",
                  "nanoadam-in-backward-sparse-head")  # bench/fit.py's VARIANTS, without importing it at parse time
+
+
+def _continual_methods(text: str) -> list[str]:
+    from .experiments.continual import METHODS
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names or set(names) - set(METHODS):
+        raise argparse.ArgumentTypeError(f"takes {', '.join(METHODS)}, got {text!r}")
+    return names
 
 
 def _toy_updates(text: str) -> tuple[str, ...]:
@@ -506,6 +526,20 @@ def _machine() -> dict:
     return machine_info()
 
 
+def _reproduce_continual(args) -> int:
+    from .experiments.continual import METHODS, ContinualConfig, main
+
+    try:
+        config = ContinualConfig(methods=args.methods or list(METHODS), seeds=args.seeds, epochs=args.epochs,
+                                 task2=[x.strip() for x in args.task2.split(",") if x.strip()], threads=args.threads)
+    except ValueError as e:
+        raise UsageError(f"nanoadam reproduce continual: {e}") from None
+    for path in main(config, str(args.out), _command_line(), progress=lambda msg: print(msg, file=sys.stderr,
+                                                                                          flush=True)):
+        print(path)
+    return 0
+
+
 def _reproduce_toy(args) -> int:
     from .experiments.toy import ToyConfig, main
 
@@ -709,7 +743,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sft":
             return _sft(args)
         if args.command == "reproduce":
-            handlers = {"toy": _reproduce_toy, "correlation": _reproduce_correlation,
+            handlers = {"toy": _reproduce_toy, "continual": _reproduce_continual, "correlation": _reproduce_correlation,
                         "ablation": _reproduce_ablation, "forgetting": _reproduce_forgetting}
             if args.analysis not in handlers:
                 raise UsageError(f"nanoadam reproduce: choose one of {', '.join(handlers)}")
