@@ -165,23 +165,41 @@ def test_data_folder_without_expected_fields(tmp_path, capsys):
 
 
 def test_ablation_miniature(tmp_path):
-    from nanoadam_lab.experiments.ablation import AblationConfig
+    from nanoadam_lab.experiments.ablation import AblationConfig, variants
     from nanoadam_lab.experiments.ablation import main as run_ablation
+    from nanoadam_lab.experiments.compare import CompareConfig, run_path
 
-    config = AblationConfig(task="rte", data_dir=DATA, out=str(tmp_path), seeds=1, small_lr_grid=[1e-3],
-                            gradient_lr_grid=[1e-4, 1e-3], intervals=[1], run_settings=TINY)
+    # a comparison's nanoadam run with the same settings is copied, not run again
+    compare = CompareConfig(tasks=["rte"], optimizers=["nanoadam"], data_dir=DATA, out=str(tmp_path / "glue"),
+                            overrides=dict(TINY, retention_probe=False))
+    shared = compare.run_config("rte", "nanoadam", 1e-3, 0)
+    in_process([])(shared, run_path(tmp_path / "glue", "rte", "nanoadam", 1e-3, 0))
+    config = AblationConfig(task="rte", data_dir=DATA, out=str(tmp_path / "abl"), seeds=2,
+                            lr_grids={"nanoadam": [1e-3], "lift": [1e-3]}, max_extensions=0, intervals=[5],
+                            densities=[0.3], overrides=dict(TINY, retention_probe=False), reuse=str(tmp_path / "glue"),
+                            only=["small_weights", "large_gradients_at_small_weights_rate", "principal_weights",
+                                  "static_mask"])
+    assert config.run_config("small_weights", 1e-3, 0) == shared
     calls = []
     result = run_ablation(config, execute=in_process(calls))
     assert not result["failures"]
-    assert set(result["variants"]) >= {"small_weights", "random_weights", "large_weights", "large_gradients",
-                                       "static_mask", "interval_1"}
-    assert result["variants"]["static_mask"]["overrides"] == {"mask_interval": None}
-    tune = json.loads((tmp_path / "runs" / "tune-large_gradients-lr0.0001.json").read_text())
-    assert tune["config"]["eval_split"] == "heldout"
-    assert tune["config"]["optimizer_overrides"]["selection"] == "large_gradients"
-    assert (tmp_path / "ablation_curves.png").exists() and "verdicts" not in result
-    md = (tmp_path / "ablation.md").read_text()
-    assert "Fig. 4a" in md and "| small weights |" in md and "yes" not in md
+    cells = result["cells"]
+    assert set(cells) == set(config.only)
+    assert len(calls) == 4 * 2 - 1  # every variant's two seeds, but the copied one
+    assert set(config.variants()) == set(config.only)
+    assert {"random_weights", "large_weights", "large_gradients", "interval_5", "density_0.3"} <= set(variants([5], [0.3]))
+    assert cells["static_mask"]["optimizer"] == "nanoadam-static"
+    run = json.loads((tmp_path / "abl" / "runs" / "large_gradients_at_small_weights_rate" / "lr0.001-seed1.json")
+                     .read_text())
+    assert run["config"]["eval_split"] == "heldout"
+    assert run["config"]["optimizer_overrides"]["selection"] == "large_gradients"
+    for name, cell in cells.items():
+        if name != "small_weights":
+            d = cell["vs_small_weights"]["score"]
+            assert d["n"] == 2 and d["lo"] <= d["mean"] <= d["hi"]
+    md = (tmp_path / "abl" / "ablation.md").read_text()
+    assert "Fig. 4a" in md and "| small weights |" in md and "95 % CI" in md
+    assert (tmp_path / "abl" / "ablation_curves.png").exists()
     again = []
     run_ablation(config, execute=in_process(again))
     assert again == []

@@ -158,15 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
     corr.add_argument("--threads", type=_positive_int, default=1)
     corr.add_argument("--out", type=Path, default=Path("results/correlation"))
 
-    abl = analyses.add_parser("ablation", help="small vs random vs large weights, large gradients, static mask, "
-                                               "mask interval (SST-2, MiniLM)")
+    abl = analyses.add_parser("ablation", help="small vs random vs large weights, large gradients, LIFT's principal "
+                                               "weights, static mask, mask interval and density (SST-2, MiniLM)")
     abl.add_argument("--task", type=_task, default="sst2")
-    abl.add_argument("--seeds", type=_positive_int, default=2)
+    abl.add_argument("--seeds", type=_positive_int, default=5)
     abl.add_argument("--model", default="minilm")
     abl.add_argument("--data-dir", help="folder with <task>/train.jsonl and validation.jsonl (default: the hub)")
-    abl.add_argument("--density", type=_density, default=0.1)
-    abl.add_argument("--budget", choices=["quick", "paper"], default="quick",
-                     help="quick: 2000 examples, 1 epoch; paper: the whole training set, 5 epochs, batch 8")
+    abl.add_argument("--budget", choices=["standard", "quick", "paper"], default="standard",
+                     help="the GLUE comparison's budgets (standard: its recipe, held-out slice and epochs)")
+    abl.add_argument("--reuse", type=Path, help="a `nanoadam compare` output folder whose identical runs are copied")
     abl.add_argument("--threads", type=_positive_int, default=2)
     abl.add_argument("--out", type=Path, default=Path("results/ablation"))
 
@@ -569,11 +569,12 @@ def _reproduce_ablation(args) -> int:
     from .experiments.ablation import AblationConfig, main
 
     _check_glue_inputs(args, [args.task])
-    config = AblationConfig(task=args.task, model=args.model, data_dir=args.data_dir, out=str(args.out),
-                            seeds=args.seeds, threads=args.threads, density=args.density)
-    if args.budget == "paper":
-        config.run_settings = dict(train_limit=None, epochs=5.0, max_length=128, batch_size=8, eval_points=10)
-        config.mask_interval = 52  # the paper's SST-2 setting (Table 13)
+    try:
+        config = AblationConfig(task=args.task, model=args.model, data_dir=args.data_dir, out=str(args.out),
+                                budget=args.budget, seeds=args.seeds, threads=args.threads,
+                                reuse=str(args.reuse) if args.reuse else None)
+    except ValueError as e:
+        raise UsageError(f"nanoadam reproduce ablation: {e}") from None
     with tqdm(desc="ablation", unit="run") as bar:
         def progress(done, total, path):
             bar.total = total

@@ -1,28 +1,55 @@
 """``nanoadam reproduce ablation``: which weights to update, on SST-2 with MiniLM (paper Sec. 3.2).
 
-Studies, all NanoAdam at the same density, the same data order and budget:
-  * selection (Fig. 4a): small vs random vs large weights, one learning rate (the one tuned for
-    small weights);
-  * small weights vs large gradients (Fig. 4b): each with its own learning rate tuned on a slice
-    held out of the training set, plus large gradients at small weights' rate (the paper finds they
-    diverge there);
-  * static vs dynamic mask (Table 14), same rate;
-  * mask-interval sensitivity (Table 11), same rate.
-Learning rates are tuned on held-out training data, never on the validation set that is reported.
-Every run goes through the same resumable ledger as ``nanoadam compare``.
+Every variant is NanoAdam (or LIFT's selection, which is NanoAdam's ``principal_weights``) at
+the same density, with the GLUE comparison's recipe, budget, held-out slice and batch order
+(:mod:`nanoadam_lab.experiments.compare`); they differ only in what is named below:
+
+* selection (Fig. 4a): small, random and large weights, all at small weights' rate;
+* small weights vs large gradients (Fig. 4b): each at its own rate, and large gradients at small
+  weights' rate as well; LIFT's principal weights at their own rate;
+* dynamic vs static mask (Table 14), and the mask interval and the density (Table 11, Fig. 5),
+  at small weights' rate.
+
+Rates ("own"): seed 0 over the grid, scored on the held-out slice of the training data, a best
+rate on an edge extends the grid, ties go to the lower held-out loss (``compare.best_lr``).
+Then every variant runs ``seeds`` seeds at its rate; each is compared with small weights by the
+per-seed differences of validation score (and of the zero-shot retention probe) with a 95 %
+t-interval, and the verdict follows the interval. ``reuse``: a comparison's folder whose
+identical runs (small weights = its ``nanoadam``, principal weights = its ``lift``) are copied
+instead of run again.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .. import experiment as ex
-from .compare import RunLedger, best_lr
+from .compare import (BUDGET_OPTIMIZER_OVERRIDES, LR_GRIDS, RunLedger, _grid_row, _paired, best_lr, budget_settings,
+                      next_rate, run_path, usable)
 from .glue import GlueRunConfig
+
+REFERENCE = "small_weights"
+
+
+def variants(intervals: list[int], densities: list[float]) -> dict[str, tuple[str, dict[str, Any], str]]:
+    """name -> (registry optimizer, overrides, rate: "own" or the variant whose rate it takes)."""
+    out = {
+        "small_weights": ("nanoadam", {}, "own"),
+        "random_weights": ("nanoadam", {"selection": "random"}, REFERENCE),
+        "large_weights": ("nanoadam", {"selection": "large_weights"}, REFERENCE),
+        "large_gradients": ("nanoadam", {"selection": "large_gradients"}, "own"),
+        "large_gradients_at_small_weights_rate": ("nanoadam", {"selection": "large_gradients"}, REFERENCE),
+        "principal_weights": ("lift", {}, "own"),
+        "static_mask": ("nanoadam-static", {}, REFERENCE),
+    }
+    out.update({f"interval_{m}": ("nanoadam", {"mask_interval": m}, REFERENCE) for m in intervals})
+    out.update({f"density_{d:g}": ("nanoadam", {"density": d}, REFERENCE) for d in densities})
+    return out
 
 
 @dataclass
@@ -31,126 +58,156 @@ class AblationConfig:
     model: str = "minilm"
     data_dir: str | None = None
     out: str = "results/ablation"
-    seeds: int = 2
+    budget: str = "standard"
+    seeds: int = 5
     threads: int = 2
-    density: float = 0.1
-    mask_interval: int = 10  # the dynamic mask of the other studies
-    small_lr_grid: list[float] = field(default_factory=lambda: [3e-4, 1e-3, 3e-3])
-    gradient_lr_grid: list[float] = field(default_factory=lambda: [1e-4, 3e-4, 1e-3])
-    intervals: list[int] = field(default_factory=lambda: [1, 5, 25, 50])
-    run_settings: dict[str, Any] = field(default_factory=lambda: dict(
-        train_limit=2000, epochs=1.0, max_length=64, batch_size=16, eval_points=3))
+    max_extensions: int = 3
+    lr_grids: dict[str, list[float]] = field(default_factory=lambda: {"nanoadam": list(LR_GRIDS["nanoadam"]),
+                                                                       "lift": list(LR_GRIDS["lift"])})
+    intervals: list[int] = field(default_factory=lambda: [10, 200])  # the main runs refresh every 50
+    densities: list[float] = field(default_factory=lambda: [0.01, 0.3])  # the main runs: 0.1
+    overrides: dict[str, Any] = field(default_factory=dict)  # budget settings to override (tests)
+    reuse: str | None = None
+    only: list[str] | None = None  # a subset of the variants (small weights, the reference, always runs)
 
-    def glue_config(self, lr: float, seed: int, phase: str, **overrides) -> GlueRunConfig:
-        settings = dict(self.run_settings)
-        if phase == "tune":
+    def __post_init__(self):
+        if self.seeds < 2:
+            raise ValueError("the ablation compares paired seeds: seeds must be >= 2")
+        known = variants(self.intervals, self.densities)
+        if self.only is not None and (set(self.only) - set(known) or REFERENCE not in self.only):
+            raise ValueError(f"only= takes variants among {', '.join(known)}, {REFERENCE} included")
+
+    def variants(self) -> dict[str, tuple[str, dict[str, Any], str]]:
+        table = variants(self.intervals, self.densities)
+        return {k: v for k, v in table.items() if self.only is None or k in self.only}
+
+    def run_config(self, name: str, lr: float, seed: int) -> GlueRunConfig:
+        optimizer, overrides, _ = variants(self.intervals, self.densities)[name]
+        settings = {**budget_settings(self.budget, self.task), **self.overrides}
+        if seed != 0:
             settings["eval_points"] = 0
-        return GlueRunConfig(task=self.task, optimizer="nanoadam", lr=lr, seed=seed, model=self.model,
-                             data_dir=self.data_dir, threads=self.threads,
-                             eval_split="heldout" if phase == "tune" else "validation",
-                             optimizer_overrides={"density": self.density, "mask_interval": self.mask_interval,
-                                                  **overrides}, **settings)
+        overrides = {**BUDGET_OPTIMIZER_OVERRIDES[self.budget].get(optimizer, {}), **overrides}
+        return GlueRunConfig(task=self.task, optimizer=optimizer, lr=lr, seed=seed, model=self.model,
+                             data_dir=self.data_dir, threads=self.threads, eval_split="heldout",
+                             optimizer_overrides=overrides, **settings)
 
 
-def _variants(config: AblationConfig, lr_small: float, lr_grad: float) -> dict[str, tuple[dict, float, int]]:
-    """name -> (optimizer overrides, learning rate, seeds)."""
-    seeds = config.seeds
-    out = {
-        "small_weights": ({"selection": "small_weights"}, lr_small, seeds),
-        "random_weights": ({"selection": "random"}, lr_small, seeds),
-        "large_weights": ({"selection": "large_weights"}, lr_small, seeds),
-        "large_gradients": ({"selection": "large_gradients"}, lr_grad, seeds),
-        "static_mask": ({"mask_interval": None}, lr_small, seeds),
-    }
-    if lr_grad != lr_small:
-        out["large_gradients_at_small_weights_lr"] = ({"selection": "large_gradients"}, lr_small, seeds)
-    for m in config.intervals:
-        out[f"interval_{m}"] = ({"mask_interval": m}, lr_small, 1)
-    return out
+def _reused(config: AblationConfig, run: GlueRunConfig, path: Path) -> None:
+    """Copies ``run``'s result from ``config.reuse`` when a run there has exactly its settings."""
+    if config.reuse is None or path.exists():
+        return
+    source = run_path(Path(config.reuse), run.task, run.optimizer, run.lr, run.seed)
+    if source.exists() and json.loads(source.read_text())["config"] == json.loads(json.dumps(asdict(run))):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, path)
 
 
 def run(config: AblationConfig, execute=None, progress=None) -> dict:
     out = Path(config.out)
-    planned = (len(config.small_lr_grid) + len(config.gradient_lr_grid) + 6 * config.seeds + len(config.intervals))
+    table = config.variants()
+    own = [name for name, (_, _, rate) in table.items() if rate == "own"]
+    planned = sum(len(config.lr_grids[table[n][0]]) for n in own) + len(table) * config.seeds - len(own)
     ledger = RunLedger(planned, execute, progress)
 
-    def tune(selection: str, grid: list[float]) -> tuple[float, dict[float, float]]:
-        results = {}
-        for lr in grid:
-            r = ledger.ensure(config.glue_config(lr, 0, "tune", selection=selection),
-                              out / "runs" / f"tune-{selection}-lr{lr:g}.json")
-            if r is not None:
-                results[lr] = r
-        return best_lr(results), {lr: r["score"] for lr, r in results.items()}
+    def ensure(name: str, lr: float, seed: int) -> dict | None:
+        run_cfg = config.run_config(name, lr, seed)
+        path = out / "runs" / name / f"lr{lr:g}-seed{seed}.json"
+        _reused(config, run_cfg, path)
+        return ledger.ensure(run_cfg, path)
 
-    lr_small, tuning_small = tune("small_weights", config.small_lr_grid)
-    lr_grad, tuning_grad = tune("large_gradients", config.gradient_lr_grid)
-    variants = {}
-    for name, (overrides, lr, seeds) in _variants(config, lr_small, lr_grad).items():
-        runs = []
-        for seed in range(seeds):
-            r = ledger.ensure(config.glue_config(lr, seed, "final", **overrides),
-                              out / "runs" / f"{name}-lr{lr:g}-seed{seed}.json")
-            if r is not None:
-                runs.append(r)
-        if runs:
-            scores = [r["score"] for r in runs]
-            variants[name] = {
-                "lr": lr, "overrides": overrides, "scores": scores, "mean": statistics.fmean(scores),
-                "std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
-                "final_loss": statistics.fmean(statistics.fmean(r["loss_curve"][-10:]) for r in runs),
-                "untouched_fraction": statistics.fmean(r["untouched_fraction"] for r in runs),
-                "l2_shift": statistics.fmean(r["l2_shift"] for r in runs),
-                "diverged": any(r["metrics"].get("diverged") for r in runs),
-                "run_files": [f"runs/{name}-lr{lr:g}-seed{s}.json" for s in range(seeds)],
-            }
-    return {"config": asdict(config), "tuning": {"small_weights": tuning_small, "large_gradients": tuning_grad},
-            "lr_small_weights": lr_small, "lr_large_gradients": lr_grad, "variants": variants,
-            "failures": ledger.failures}
+    chosen: dict[str, float | None] = {}
+    searches: dict[str, dict[float, dict]] = {}
+    for name in own:
+        grid = config.lr_grids[table[name][0]]
+        tried: dict[float, dict] = {}
+        while (lr := next_rate(tried, grid, config.max_extensions)) is not None:
+            tried[lr] = ensure(name, lr, 0) or {"score": float("nan")}
+        found = {r: x for r, x in tried.items() if usable(x)}
+        chosen[name] = best_lr(found) if found else None
+        searches[name] = tried
+    for name, (_, _, rate) in table.items():
+        if rate != "own":
+            chosen[name] = chosen.get(rate)
+    cells = {}
+    for name in table:
+        lr = chosen[name]
+        if lr is None:
+            continue
+        finals = [r for seed in range(config.seeds) if (r := ensure(name, lr, seed)) is not None and "validation" in r]
+        if not finals:
+            continue
+        cells[name] = {
+            "lr": lr, "rate_from": table[name][2], "optimizer": table[name][0], "overrides": table[name][1],
+            "seeds": [r["config"]["seed"] for r in finals], "scores": [r["validation"]["score"] for r in finals],
+            "retention": [r.get("retention") for r in finals],
+            "mean": statistics.fmean(r["validation"]["score"] for r in finals),
+            "std": statistics.stdev([r["validation"]["score"] for r in finals]) if len(finals) > 1 else 0.0,
+            "diverged": sum(bool(r["metrics"].get("diverged")) for r in finals),
+            "untouched_fraction": statistics.fmean(r["untouched_fraction"] for r in finals),
+            "l2_shift": statistics.fmean(r["l2_shift"] for r in finals),
+            "run_files": [f"runs/{name}/lr{lr:g}-seed{r['config']['seed']}.json" for r in finals],
+        }
+        if name in searches:
+            cells[name]["grid"] = [_grid_row(searches[name][x]) for x in sorted(searches[name])
+                                   if "config" in searches[name][x]]
+    if REFERENCE in cells:
+        for name, cell in cells.items():
+            if name != REFERENCE:
+                cell["vs_small_weights"] = {"score": _paired(cell, cells[REFERENCE], "scores"),
+                                            "retention": _paired(cell, cells[REFERENCE], "retention")}
+    return {"config": asdict(config), "cells": cells, "failures": ledger.failures}
+
+
+def _interval(d: dict | None) -> str:
+    if not d or d.get("lo") is None or d["lo"] != d["lo"]:
+        return "-"
+    return f"{100 * d['mean']:+.2f} [{100 * d['lo']:+.2f}, {100 * d['hi']:+.2f}] {d['verdict']}"
 
 
 def render(result: dict, out_dir: str) -> list[Path]:
-    """``ablation.md`` (a table per study, the tuning, the settings) and ``ablation_curves.png``,
-    from the result and its run files on disk."""
-    c, v = result["config"], result["variants"]
+    """``ablation.md`` (a table per study with paired intervals against small weights, the rate
+    searches, the settings) and ``ablation_curves.png``, from the result and its run files."""
+    c, cells = result["config"], result["cells"]
 
     def row(name, label):
-        if name not in v:
-            return [label, "-", "-", "-", "-", "-"]
-        x = v[name]
-        flag = " (diverged)" if x["diverged"] else ""
-        return [label, f"{x['lr']:g}", f"{100 * x['mean']:.2f} ± {100 * x['std']:.2f}{flag} (n={len(x['scores'])})",
-                f"{x['final_loss']:.3f}", f"{100 * x['untouched_fraction']:.1f} %", f"{x['l2_shift']:.3f}"]
+        if name not in cells:
+            return [label, *["-"] * 6]
+        x = cells[name]
+        vs = x.get("vs_small_weights", {})
+        flag = f" ({x['diverged']} diverged)" if x["diverged"] else ""
+        return [label, f"{x['lr']:g}" + ("" if x["rate_from"] == "own" else " (small weights')"),
+                f"{100 * x['mean']:.2f} ± {100 * x['std']:.2f}{flag} (n={len(x['scores'])})",
+                _interval(vs.get("score")), _interval(vs.get("retention")),
+                f"{100 * x['untouched_fraction']:.1f} %", f"{x['l2_shift']:.3f}"]
 
-    head = ["variant", "lr", "validation accuracy (%)", "final training loss", "untouched", "L2 shift"]
+    head = ["variant", "rate", "validation score (x100)", "minus small weights [95 % CI]",
+            "retention minus small weights [95 % CI]", "untouched", "L2 shift"]
     studies = [
-        ("Small vs random vs large weights (Fig. 4a), same learning rate",
+        ("Small vs random vs large weights (Fig. 4a), at small weights' rate",
          [row("small_weights", "small weights"), row("random_weights", "random weights"),
           row("large_weights", "large weights")]),
-        ("Small weights vs large gradients (Fig. 4b), each at its tuned learning rate",
+        ("Small weights vs large gradients (Fig. 4b) and LIFT's principal weights",
          [row("small_weights", "small weights"), row("large_gradients", "large gradients"),
-          row("large_gradients_at_small_weights_lr", "large gradients at small weights' rate")]),
-        ("Dynamic vs static mask (Table 14)",
-         [row("small_weights", f"dynamic (every {c['mask_interval']} steps)"), row("static_mask", "static")]),
-        ("Mask interval (Table 11)",
-         [*(row(f"interval_{m}", f"every {m} steps") for m in c["intervals"]),
-          row("small_weights", f"every {c['mask_interval']} steps (the main runs)")]),
+          row("large_gradients_at_small_weights_rate", "large gradients at small weights' rate"),
+          row("principal_weights", "principal weights (LIFT)")]),
+        ("Dynamic vs static mask (Table 14)", [row("small_weights", "dynamic"), row("static_mask", "static")]),
+        ("Mask interval and density (Table 11, Fig. 5)",
+         [*(row(f"interval_{m}", f"refresh every {m} steps") for m in c["intervals"]),
+          *(row(f"density_{d:g}", f"density {d:g}") for d in c["densities"])]),
     ]
-    sections = []
+    sections = ["Verdicts: `higher`/`lower` only where the 95 % interval of the paired per-seed differences "
+                "excludes zero.", ""]
     for title, rows in studies:
         sections += [f"## {title}", "", ex.markdown_table(head, rows), ""]
-    tuning = ex.markdown_table(["selection", "held-out score per rate", "chosen"], [
-        ["small weights", _rates(result["tuning"]["small_weights"]), f"{result['lr_small_weights']:g}"],
-        ["large gradients", _rates(result["tuning"]["large_gradients"]), f"{result['lr_large_gradients']:g}"]])
-    sections += ["## Tuning (held-out score per rate)", "", tuning, ""]
+    searches = [[name, ", ".join(f"{g['lr']:g}: {100 * g['heldout']:.2f} (loss {g['heldout_loss']:.3f})"
+                                 for g in cell["grid"]), f"{cell['lr']:g}"]
+                for name, cell in cells.items() if "grid" in cell]
+    sections += ["## Rate searches (seed 0, held-out slice)", "",
+                 ex.markdown_table(["variant", "held-out score per rate", "chosen"], searches), ""]
     figure = plot(result, Path(out_dir))
     sections += [f"![curves]({figure.name})", "", "## Settings", "", ex.settings_table(c)]
     title = f"Ablation on {c['task'].upper()} (paper Fig. 4a, 4b, Table 14, Table 11)"
     return [figure, ex.write_markdown(out_dir, "ablation", title, result, sections)]
-
-
-def _rates(tuning: dict) -> str:
-    return ", ".join(f"{float(lr):g}: {100 * score:.2f}" for lr, score in tuning.items())
 
 
 def main(config: AblationConfig, command: str | None = None, execute=None, progress=None) -> dict:
@@ -166,14 +223,15 @@ def plot(result: dict, out: Path) -> Path:
 
     panels = [("Fig. 4a: which weights", ["small_weights", "random_weights", "large_weights"]),
               ("Fig. 4b: small weights vs large gradients", ["small_weights", "large_gradients",
-                                                            "large_gradients_at_small_weights_lr"]),
+                                                            "large_gradients_at_small_weights_rate",
+                                                            "principal_weights"]),
               ("Table 14: dynamic vs static", ["small_weights", "static_mask"])]
     fig, axes = plt.subplots(2, 3, figsize=(15, 7))
     for col, (title, names) in enumerate(panels):
         for name in names:
-            if name not in result["variants"]:
+            if name not in result["cells"]:
                 continue
-            run = json.loads((out / result["variants"][name]["run_files"][0]).read_text())
+            run = json.loads((out / result["cells"][name]["run_files"][0]).read_text())
             losses = run["loss_curve"]
             w = max(1, len(losses) // 15)
             smooth = [sum(losses[max(0, i - w + 1): i + 1]) / len(losses[max(0, i - w + 1): i + 1])
@@ -182,7 +240,7 @@ def plot(result: dict, out: Path) -> Path:
             axes[1, col].plot([p["step"] for p in run["eval_curve"]], [100 * p["score"] for p in run["eval_curve"]],
                               marker="o", label=name)
         axes[0, col].set(title=title, xlabel="step", ylabel="training loss (moving average)")
-        axes[1, col].set(xlabel="step", ylabel="validation accuracy (%)")
+        axes[1, col].set(xlabel="step", ylabel="validation score (x100)")
         axes[0, col].legend(fontsize=8)
         axes[1, col].legend(fontsize=8)
     fig.tight_layout()
