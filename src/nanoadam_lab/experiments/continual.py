@@ -472,8 +472,7 @@ def plot_frontiers(result: dict, kind: str, path: Path) -> Path:
         ax.set_title(f"density {density}" if density else kind, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"Continual finetuning, task 2 {kind}: each point a learning rate, mean of "
-                 f"{len(result['seeds'])} seeds", fontsize=10)
+    fig.suptitle(f"Task 2 {kind}: one point per learning rate\n(mean of {len(result['seeds'])} seeds)", fontsize=10)
     fig.tight_layout()
     return ex.save_figure(fig, str(path), dpi=120)
 
