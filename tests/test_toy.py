@@ -152,6 +152,17 @@ def test_pretraining_fits_the_teacher(result):
     assert result["tasks"]["1"]["pretrained_test_loss"]["mean"] > 10 * result["pretrain"]["test_loss"]["mean"]
 
 
+def test_a_stopped_run_resumes_from_its_cells(tmp_path, monkeypatch):
+    cfg = toy.ToyConfig(**{**TINY, "n_seeds": 2, "pretrain_steps": 200, "finetune_steps": 20, "added_neurons": (1,),
+                           "updates": ("gd",)})
+    first = toy.run(cfg, cells_dir=str(tmp_path))
+    assert len(list(tmp_path.rglob("lr*.json"))) >= len(cfg.strategies) * 2
+    monkeypatch.setattr(toy, "finetune", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran again")))
+    again = toy.run(cfg, cells_dir=str(tmp_path))
+    first.pop("elapsed_s"), again.pop("elapsed_s")
+    assert again == json.loads(json.dumps(first))
+
+
 def test_deterministic():
     cfg = toy.ToyConfig(**{**TINY, "n_seeds": 2, "pretrain_steps": 200, "finetune_steps": 20})
     r1, r2 = toy.run(cfg), toy.run(cfg)
@@ -160,7 +171,7 @@ def test_deterministic():
 
 
 def test_result_is_written_then_rendered_from_disk(result, tmp_path, monkeypatch):
-    monkeypatch.setattr(toy, "run", lambda config, progress=None: result)
+    monkeypatch.setattr(toy, "run", lambda config, progress=None, cells_dir=None: result)
     written = toy.main(toy.ToyConfig(out_dir=str(tmp_path)), command="test")
     names = {p.name for p in written}
     assert names == {"toy.json", "toy.md", *(f"toy_{k}_added_{u}.png" for k in (1, 2) for u in ("gd", "adam"))}

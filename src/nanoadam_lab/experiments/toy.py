@@ -57,6 +57,7 @@ seed. Reproduce the committed results (``docs/results/toy``) with ``nanoadam rep
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -67,6 +68,7 @@ from pathlib import Path
 import torch
 
 from .. import experiment as ex
+from .._io import atomic_write_json
 
 STRATEGIES = ("small_weights", "large_gradients", "small_weights_static", "large_gradients_static", "full")
 LABELS = {
@@ -322,8 +324,11 @@ def _neurons(W: torch.Tensor, a: torch.Tensor) -> dict:
 # experiment
 
 
-def run(config: ToyConfig, progress=None) -> dict:
+def run(config: ToyConfig, progress=None, cells_dir: str | None = None) -> dict:
     """Run the whole experiment; returns a JSON-serializable dict (see ``render``).
+
+    ``cells_dir``: where each finished (task, update, strategy, rate) is kept, so that a stopped
+    run resumes (``main`` uses ``out_dir/cells``); None keeps nothing.
 
     ``progress``: ``None`` (silent), ``True`` (a tqdm bar) or a callable receiving one message per unit of work.
     """
@@ -356,7 +361,7 @@ def run(config: ToyConfig, progress=None) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: one thread is faster, and results do not depend on the core count
     try:
-        return _run(cfg, tick, bar)
+        return _run(cfg, tick, bar, cells_dir)
     finally:
         torch.set_num_threads(threads)
 
@@ -383,7 +388,7 @@ def _next_rate(grid: list[float], best: float) -> float | None:
     return float(f"{rate:.3g}")  # 0.2, not 0.20000000000000004
 
 
-def _run(cfg: ToyConfig, tick: Callable, bar) -> dict:
+def _run(cfg: ToyConfig, tick: Callable, bar, cells_dir: str | None) -> dict:
     start = time.perf_counter()
     seeds = [cfg.seed + i for i in range(cfg.n_seeds)]
     T = cfg.teacher_width
@@ -421,6 +426,22 @@ def _run(cfg: ToyConfig, tick: Callable, bar) -> dict:
                 "kept": out["kept"], "max_changed_per_step": out["max_changed_per_step"],
                 "final": _neurons(out["W"], out["a"]) if i == cfg.figure_seed else None}
 
+    # Each (task, update, strategy, rate) over all seeds is one cell file under ``out_dir/cells``, so
+    # that a stopped run resumes; a file made with other settings is not reused.
+    key_settings = {k: v for k, v in ex.jsonable(asdict(cfg)).items() if k != "out_dir"}
+
+    def cell(k: int, update: str, strategy: str, lr: float) -> list[dict]:
+        if cells_dir is None:
+            return [one_run(i, k, update, strategy, lr) for i in range(len(seeds))]
+        path = Path(cells_dir) / str(k) / update / strategy / f"lr{lr:g}.json"
+        stored = json.loads(path.read_text()) if path.exists() else None
+        if stored is None or stored["settings"] != key_settings:
+            runs = [one_run(i, k, update, strategy, lr) for i in range(len(seeds))]
+            atomic_write_json(path, {"settings": key_settings, "runs": ex.jsonable(runs)})
+            stored = json.loads(path.read_text())
+        # strict JSON stores a diverged (infinite) loss as null
+        return [{m: (math.inf if m in METRICS and v is None else v) for m, v in r.items()} for r in stored["runs"]]
+
     tasks = {}
     checks = {"max_changed_per_step": {}, "kept": {}}
     for k in cfg.added_neurons:
@@ -432,12 +453,12 @@ def _run(cfg: ToyConfig, tick: Callable, bar) -> dict:
                 rates: dict[float, list[dict]] = {}
                 grid = list(cfg.lr_grids[update])
                 for lr in grid:
-                    rates[lr] = [one_run(i, k, update, strategy, lr) for i in range(len(seeds))]
+                    rates[lr] = cell(k, update, strategy, lr)
                     tick(f"k={k} {update} {strategy} lr {lr:g}")
                 extensions = 0
                 while (nxt := _next_rate(list(rates), choose_rate(rates))) is not None \
                         and extensions < cfg.max_grid_extensions:
-                    rates[nxt] = [one_run(i, k, update, strategy, nxt) for i in range(len(seeds))]
+                    rates[nxt] = cell(k, update, strategy, nxt)
                     extensions += 1
                     tick(f"k={k} {update} {strategy} lr {nxt:g} (grid extended)")
                 lr = choose_rate(rates)
@@ -656,7 +677,8 @@ def main(config: ToyConfig | None = None, progress=True, command: str | None = N
     config = config or ToyConfig()
 
     def run_with_command(cfg):
-        return {"command": command or "nanoadam reproduce toy", "machine": ex.machine_info(), **run(cfg, progress)}
+        return {"command": command or "nanoadam reproduce toy", "machine": ex.machine_info(),
+                **run(cfg, progress, cells_dir=os.path.join(cfg.out_dir, "cells"))}
 
     return ex.run_and_render(run_with_command, render, config, config.out_dir, "toy")
 
