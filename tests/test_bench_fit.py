@@ -71,6 +71,11 @@ def test_probe_fits_and_watchdog_kills():
     assert not tight["fits"] and tight["outcome"].startswith("over budget")
 
 
+def test_a_failure_that_is_not_memory_raises():
+    with pytest.raises(RuntimeError, match="failed"):
+        fit.probe("no-such-optimizer", 128, fit.FitConfig(memory_gb=8, seq=16, steps=1, threads=1))
+
+
 @pytest.mark.parametrize("argv", [["bench", "fit", "--memory-gb", "0"], ["bench", "fit", "--optimizers", "sgd"],
                                   ["bench", "fit", "--min-hidden", "200"], ["bench", "fit", "--dtype", "half"],
                                   ["bench", "fit", "--min-hidden", "1024", "--max-hidden", "512"]])

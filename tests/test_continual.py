@@ -100,3 +100,8 @@ def test_demo_prints_the_frontier_tables(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| adamw |" in printed and "| nanoadam-1% |" in printed and "95 % interval" in printed
     assert "## Settings" not in printed
+
+
+def test_a_diverged_run_never_chooses_its_rate():
+    assert continual._best({1e-3: [None], 3e-3: [0.5]}) == 3e-3  # null: an infinite loss read back from JSON
+    assert continual._best({1e-3: [0.2, float("inf")], 3e-3: [0.5, 0.5]}) == 3e-3

@@ -222,8 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     decoder.add_argument("--out", type=Path, help="write decoder.json and decoder.md here")
     fit = bench_kinds.add_parser("fit", help="the largest LLaMA-style decoder each optimizer trains in a memory "
                                              "budget, by real steps in child processes, formula beside it")
-    fit.add_argument("--memory-gb", type=_positive_float, help="budget in GiB of process memory (default: this "
-                                                               "machine's physical memory)")
+    fit.add_argument("--memory-gb", type=_positive_float, help="budget in GiB of process memory (default: the "
+                                                               "memory available when it starts)")
     fit.add_argument("--optimizers", type=_fit_variants, help="comma-separated, from: " + ", ".join(_FIT_VARIANTS))
     fit.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="weights' dtype")
     fit.add_argument("--seq", type=_positive_int, default=512)

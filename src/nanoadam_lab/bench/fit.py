@@ -122,7 +122,7 @@ def formula_bytes(variant: str, cfg: dict, *, dtype: str, seq: int, baseline_byt
 
 @dataclass
 class FitConfig:
-    memory_gb: float | None = None  # None: this machine's physical memory
+    memory_gb: float | None = None  # None: the memory available on this machine when it starts
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
     dtype: str = "bfloat16"
     seq: int = 512
@@ -150,13 +150,24 @@ class FitConfig:
 
     @property
     def budget_bytes(self) -> int:
-        if self.memory_gb is None:
-            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if self.memory_gb is None:  # what the machine has free now, so that the watchdog fires before the system
+            return _available_bytes()
         return int(self.memory_gb * 2**30)
 
     @property
     def ladder(self) -> list[int]:
         return list(range(self.min_hidden, self.max_hidden + 1, 128))
+
+
+def _available_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 # -- the child ---------------------------------------------------------------------------------
@@ -215,30 +226,40 @@ def _rss_bytes(pid: int) -> int | None:
     return None
 
 
-def probe(variant: str, hidden: int, config: FitConfig) -> dict:
-    """One child process: trains the decoder of width ``hidden`` under the budget's watchdog."""
+def probe(variant: str, hidden: int, config: FitConfig, timeout_s: float = 4 * 3600) -> dict:
+    """One child process: trains the decoder of width ``hidden`` under the budget's watchdog.
+    A child that fails for another reason than memory raises: it says nothing about the fit."""
+    import tempfile
+
     cmd = [sys.executable, "-m", "nanoadam_lab.bench.fit", variant, str(hidden), config.dtype, str(config.seq),
            str(config.steps), str(config.threads)]
     budget = config.budget_bytes
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=measurement_env(config.mmap_threshold))
-    killed_at = None
-    while proc.poll() is None:
-        rss = _rss_bytes(proc.pid)
-        if rss is not None and rss > budget:
-            killed_at = rss
-            proc.kill()
-            break
-        time.sleep(0.1)
-    out, err = proc.communicate()
     row = {"variant": variant, "hidden": hidden, "params": parameter_count(decoder_config(hidden)) if hidden else 0}
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:  # files: a full pipe blocks
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=measurement_env(config.mmap_threshold))
+        killed_at, started = None, time.monotonic()
+        while proc.poll() is None:
+            rss = _rss_bytes(proc.pid)
+            if rss is not None and rss > budget:
+                killed_at = rss
+                proc.kill()
+                break
+            if time.monotonic() - started > timeout_s:
+                proc.kill()
+                proc.wait()
+                raise RuntimeError(f"{variant} at hidden {hidden}: no result after {timeout_s:.0f} s")
+            time.sleep(0.1)
+        proc.wait()
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
     if killed_at is not None:
         return {**row, "fits": False, "outcome": f"over budget: killed at {killed_at / 2**30:.2f} GiB"}
     if proc.returncode != 0:
-        last = (err.strip().splitlines() or ["no message"])[-1]
-        out_of_memory = "memory" in last.lower() or proc.returncode < 0
-        return {**row, "fits": False, "outcome": ("out of memory: " if out_of_memory else "failed: ") + last[:200]}
-    measured = json.loads(out.strip().splitlines()[-1])
+        last = (stderr.strip().splitlines() or ["no message"])[-1]
+        if proc.returncode < 0 or "memory" in last.lower():  # killed by the system, or an allocation failed
+            return {**row, "fits": False, "outcome": f"out of memory: {last[:200]}"}
+        raise RuntimeError(f"{variant} at hidden {hidden} failed (exit code {proc.returncode}): {last}")
+    measured = json.loads(stdout.strip().splitlines()[-1])
     fits = measured["peak_bytes"] <= budget
     return {**row, **measured, "fits": fits, "outcome": "fits" if fits else "over budget at the end"}
 
@@ -271,11 +292,13 @@ def run(config: FitConfig, progress=None) -> dict:
             while index + 1 < len(ladder) and measure(ladder[index + 1]):
                 index += 1
             largest = ladder[index]
-        else:  # walk down to the first size that fits
+            lower_bound = index + 1 == len(ladder)  # the ladder ended before a size failed
+        else:
+            lower_bound = False  # walk down to the first size that fits
             while index > 0 and not measure(ladder[index - 1]):
                 index -= 1
             largest = ladder[index - 1] if index > 0 else None
-        results[variant] = {"largest_hidden": largest,
+        results[variant] = {"largest_hidden": largest, "lower_bound": lower_bound,
                             "largest_params": parameter_count(decoder_config(largest)) if largest else None,
                             "formula_largest_hidden": fitting[-1] if fitting else None,
                             "formula_largest_params": parameter_count(decoder_config(fitting[-1])) if fitting else None,
@@ -307,6 +330,8 @@ def format_table(result: dict) -> str:
              "|---|---|---|---|"]
     for v, r in result["results"].items():
         measured = f"{r['largest_params'] / 1e9:.2f} B (hidden {r['largest_hidden']})" if r["largest_hidden"] else "none"
+        if r.get("lower_bound"):
+            measured = "at least " + measured + ", the ladder's end"
         formula = (f"{r['formula_largest_params'] / 1e9:.2f} B (hidden {r['formula_largest_hidden']})"
                    if r["formula_largest_hidden"] else "none")
         x = f"{r['x_adamw']:.2f}" if r["x_adamw"] else "-"

@@ -4,11 +4,12 @@ Every variant is NanoAdam (or LIFT's selection, which is NanoAdam's ``principal_
 the same density, with the GLUE comparison's recipe, budget, held-out slice and batch order
 (:mod:`nanoadam_lab.experiments.compare`); they differ only in what is named below:
 
-* selection (Fig. 4a): small, random and large weights, all at small weights' rate;
+* selection (Fig. 4a): small, random and large weights, each at its own rate (a selection that
+  moves other weights may want another rate), and random minus large weights paired as well;
 * small weights vs large gradients (Fig. 4b): each at its own rate, and large gradients at small
   weights' rate as well; LIFT's principal weights at their own rate;
-* dynamic vs static mask (Table 14), and the mask interval and the density (Table 11, Fig. 5),
-  at small weights' rate.
+* dynamic vs static mask (Table 14) and the mask interval (Table 11) at small weights' rate (the
+  same selection, refreshed differently); the density (Fig. 5) at its own rate.
 
 Rates ("own"): seed 0 over the grid, scored on the held-out slice of the training data, a best
 rate on an edge extends the grid, ties go to the lower held-out loss (``compare.best_lr``).
@@ -40,15 +41,15 @@ def variants(intervals: list[int], densities: list[float]) -> dict[str, tuple[st
     """name -> (registry optimizer, overrides, rate: "own" or the variant whose rate it takes)."""
     out = {
         "small_weights": ("nanoadam", {}, "own"),
-        "random_weights": ("nanoadam", {"selection": "random"}, REFERENCE),
-        "large_weights": ("nanoadam", {"selection": "large_weights"}, REFERENCE),
+        "random_weights": ("nanoadam", {"selection": "random"}, "own"),
+        "large_weights": ("nanoadam", {"selection": "large_weights"}, "own"),
         "large_gradients": ("nanoadam", {"selection": "large_gradients"}, "own"),
         "large_gradients_at_small_weights_rate": ("nanoadam", {"selection": "large_gradients"}, REFERENCE),
         "principal_weights": ("lift", {}, "own"),
         "static_mask": ("nanoadam-static", {}, REFERENCE),
     }
     out.update({f"interval_{m}": ("nanoadam", {"mask_interval": m}, REFERENCE) for m in intervals})
-    out.update({f"density_{d:g}": ("nanoadam", {"density": d}, REFERENCE) for d in densities})
+    out.update({f"density_{d:g}": ("nanoadam", {"density": d}, "own") for d in densities})
     return out
 
 
@@ -155,7 +156,10 @@ def run(config: AblationConfig, execute=None, progress=None) -> dict:
             if name != REFERENCE:
                 cell["vs_small_weights"] = {"score": _paired(cell, cells[REFERENCE], "scores"),
                                             "retention": _paired(cell, cells[REFERENCE], "retention")}
-    return {"config": asdict(config), "cells": cells, "failures": ledger.failures}
+    extra = {}
+    if {"random_weights", "large_weights"} <= set(cells):  # Fig. 4a's order: small > random > large
+        extra["random_minus_large"] = {"score": _paired(cells["random_weights"], cells["large_weights"], "scores")}
+    return {"config": asdict(config), "cells": cells, **extra, "failures": ledger.failures}
 
 
 def _interval(d: dict | None) -> str:
@@ -175,7 +179,7 @@ def render(result: dict, out_dir: str) -> list[Path]:
         x = cells[name]
         vs = x.get("vs_small_weights", {})
         flag = f" ({x['diverged']} diverged)" if x["diverged"] else ""
-        return [label, f"{x['lr']:g}" + ("" if x["rate_from"] == "own" else " (small weights')"),
+        return [label, f"{x['lr']:g}" + (" (own)" if x["rate_from"] == "own" else " (small weights')"),
                 f"{100 * x['mean']:.2f} ± {100 * x['std']:.2f}{flag} (n={len(x['scores'])})",
                 _interval(vs.get("score")), _interval(vs.get("retention")),
                 f"{100 * x['untouched_fraction']:.1f} %", f"{x['l2_shift']:.3f}"]
@@ -183,7 +187,7 @@ def render(result: dict, out_dir: str) -> list[Path]:
     head = ["variant", "rate", "validation score (x100)", "minus small weights [95 % CI]",
             "retention minus small weights [95 % CI]", "untouched", "L2 shift"]
     studies = [
-        ("Small vs random vs large weights (Fig. 4a), at small weights' rate",
+        ("Small vs random vs large weights (Fig. 4a), each at its own rate",
          [row("small_weights", "small weights"), row("random_weights", "random weights"),
           row("large_weights", "large weights")]),
         ("Small weights vs large gradients (Fig. 4b) and LIFT's principal weights",
@@ -197,6 +201,9 @@ def render(result: dict, out_dir: str) -> list[Path]:
     ]
     sections = ["Verdicts: `higher`/`lower` only where the 95 % interval of the paired per-seed differences "
                 "excludes zero.", ""]
+    if "random_minus_large" in result:
+        sections += [f"Random minus large weights, paired by seed: {_interval(result['random_minus_large']['score'])}.",
+                     ""]
     for title, rows in studies:
         sections += [f"## {title}", "", ex.markdown_table(head, rows), ""]
     searches = [[name, ", ".join(f"{g['lr']:g}: {100 * g['heldout']:.2f} (loss {g['heldout_loss']:.3f})"

@@ -227,14 +227,16 @@ def train_stage(model: nn.Module, data: Digits, task: str, method: str, lr: floa
     return {"final_train_loss": float(loss.detach()), "diverged": not bool(torch.isfinite(loss))}
 
 
-def _mean(xs):
-    xs = [x for x in xs if x is not None and math.isfinite(x)]
-    return sum(xs) / len(xs) if xs else math.inf
+def _finite(x) -> bool:
+    return x is not None and math.isfinite(x)  # strict JSON stores an infinite loss as null
 
 
-def _best(rates: dict[float, list[float]]) -> float:
-    """The rate with the lowest mean held-out loss (diverged: +inf); ties to the smaller rate."""
-    return min(rates, key=lambda lr: (_mean(rates[lr]) if all(math.isfinite(v) for v in rates[lr]) else math.inf, lr))
+def _best(rates: dict[float, list[float | None]]) -> float:
+    """The rate with the lowest mean held-out loss (a diverged seed: +inf); ties to the smaller rate."""
+    def key(lr):
+        losses = rates[lr]
+        return (sum(losses) / len(losses) if losses and all(_finite(v) for v in losses) else math.inf, lr)
+    return min(rates, key=key)
 
 
 def _beyond(grid: list[float], best: float) -> float | None:
@@ -246,18 +248,29 @@ def _beyond(grid: list[float], best: float) -> float | None:
 
 
 class Runs:
-    """One JSON file per finished run under ``root``; ``get`` computes and stores a missing one."""
+    """One JSON file per finished run under ``root``; ``get`` computes and stores a missing one, or
+    one made under other ``settings`` (those that decide a run's numbers: the protocol, the
+    threads, torch's version), which it replaces."""
 
-    def __init__(self, root: Path):
-        self.root = root
+    def __init__(self, root: Path, settings: dict):
+        self.root, self.settings = root, settings
 
     def get(self, *parts: str, compute) -> dict:
         path = self.root.joinpath(*parts[:-1], parts[-1] + ".json")  # not with_suffix: "lr0.001" has a dot
         if path.exists():
-            return json.loads(path.read_text())
-        record = compute()
-        atomic_write_json(path, ex.jsonable(record))
-        return json.loads(path.read_text())
+            stored = json.loads(path.read_text())
+            if stored.get("settings") == self.settings:
+                return stored["record"]
+        atomic_write_json(path, {"settings": self.settings, "record": ex.jsonable(compute())})
+        return json.loads(path.read_text())["record"]
+
+
+def run_settings(cfg: ContinualConfig) -> dict:
+    """What decides one run's numbers; the methods, second tasks, seed count and grids only decide
+    which runs there are."""
+    decided = {k: v for k, v in ex.jsonable(asdict(cfg)).items()
+               if k not in ("methods", "task2", "seeds", "lr_grids", "max_grid_extensions")}
+    return {**decided, "torch": torch.__version__}
 
 
 def run(config: ContinualConfig, out_dir: str, progress=None) -> dict:
@@ -269,7 +282,7 @@ def run(config: ContinualConfig, out_dir: str, progress=None) -> dict:
     try:
         data = Digits(cfg)
         pretrained = pretrain(data, cfg)
-        runs = Runs(Path(out_dir) / "runs")
+        runs = Runs(Path(out_dir) / "runs", run_settings(cfg))
         seeds = [cfg.first_seed + i for i in range(cfg.seeds)]
         tick = progress if callable(progress) else (lambda msg: None)
         methods = {}
@@ -333,7 +346,8 @@ def run(config: ContinualConfig, out_dir: str, progress=None) -> dict:
                 cells = {lr: [first[lr]] + [task2(lr, s) for s in seeds[1:]] for lr in grid2}
                 models.clear()
                 kinds[kind] = summarize_cells(cells)
-            methods[method] = {"lr_task1": lr1, "task1_tuning": {f"{lr:g}": r["heldout"] for lr, r in
+            methods[method] = {"lr_task1": lr1, "lr_task1_at_edge": _beyond(list(tuning), lr1) is not None,
+                               "task1_tuning": {f"{lr:g}": r["heldout"] for lr, r in
                                                                  sorted(tuning.items())}, "task2": kinds}
         return {"config": ex.jsonable(asdict(cfg)), "seeds": seeds,
                 "parameters": sum(p.numel() for p in pretrained.parameters()),
@@ -354,7 +368,8 @@ def summarize_cells(cells: dict[float, list[dict]]) -> dict:
         before = [r["task1_before"] for r in records]
         grid[f"{lr:g}"] = {"lr": lr, "task2": task2, "task1_after": after, "task1_before": before,
                            "forgetting": [b - a for b, a in zip(before, after)],
-                           "heldout_loss": [r["task2_heldout"]["loss"] for r in records],
+                           "heldout_loss": [r["task2_heldout"]["loss"] if _finite(r["task2_heldout"]["loss"])
+                                            else math.inf for r in records],
                            "diverged": sum(bool(r["diverged"]) for r in records),
                            "mean_task2": statistics.fmean(task2), "mean_task1_after": statistics.fmean(after)}
     tuned = _best({g["lr"]: g["heldout_loss"] for g in grid.values()})
@@ -420,7 +435,8 @@ def render(result: dict, out_dir: str) -> list[Path]:
         for method, m in result["methods"].items():
             k = m["task2"][kind]
             c = k["grid"][f"{k['tuned_lr']:g}"]
-            rows.append([method, f"{m['lr_task1']:g}", f"{k['tuned_lr']:g}" + (" (edge)" if k["tuned_at_edge"] else ""),
+            rows.append([method, f"{m['lr_task1']:g}" + (" (edge)" if m.get("lr_task1_at_edge") else ""),
+                         f"{k['tuned_lr']:g}" + (" (edge)" if k["tuned_at_edge"] else ""),
                          _ms(c["task1_before"]), _ms(c["task2"]), _ms(c["task1_after"]), _ms(c["forgetting"])])
         comp = [[r["method"], _ci(r["task2"]), r["task2"]["verdict"], _ci(r["task1_after"]), r["task1_after"]["verdict"],
                  _ci(r["retention_at_equal_task2"]), r["retention_at_equal_task2"]["verdict"],
