@@ -139,7 +139,8 @@ def rotate(images: torch.Tensor, degrees: float) -> torch.Tensor:
     return nn.functional.grid_sample(images, grid, align_corners=False)
 
 
-def _stratified(labels: torch.Tensor, fraction: float, gen: torch.Generator) -> tuple[list[int], list[int]]:
+def stratified_split(labels: torch.Tensor, fraction: float, gen: torch.Generator) -> tuple[list[int], list[int]]:
+    """(rest, part) index lists: ``round(fraction * n_c)`` of every class goes to ``part``."""
     rest, part = [], []
     for c in sorted(set(labels.tolist())):
         idx = (labels == c).nonzero().flatten()
@@ -163,8 +164,8 @@ class Digits:
         self.pre_x, self.pre_y = x[pre], y[pre]
         self.x, self.y = x[~pre], y[~pre] - 5
         gen = torch.Generator().manual_seed(cfg.split_seed)
-        train, self.test = _stratified(self.y, cfg.test_fraction, gen)
-        fit, held = _stratified(self.y[train], cfg.heldout_fraction, gen)
+        train, self.test = stratified_split(self.y, cfg.test_fraction, gen)
+        fit, held = stratified_split(self.y[train], cfg.heldout_fraction, gen)
         self.fit, self.heldout = [train[i] for i in fit], [train[i] for i in held]
         self.tasks = {"task1": (self.x, self.y)}
         for kind in cfg.task2:

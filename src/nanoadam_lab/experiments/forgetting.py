@@ -58,6 +58,7 @@ from ..analysis.stats import judged_difference
 from ..baselines import available_optimizers, build_optimizer
 from .compare import LR_GRIDS as COMPARE_LR_GRIDS
 from .compare import budget_settings
+from .continual import stratified_split
 
 # The language experiment runs the comparison's optimizers (not its controls) at its grids.
 LANGUAGE_OPTIMIZERS = ["adamw", "adamw8bit", "galore", "microadam", "nanoadam", "nanoadam-static"]
@@ -250,18 +251,6 @@ def transform_images(x: torch.Tensor, name: str) -> torch.Tensor:
     raise ValueError(f"unknown transform {name!r}")
 
 
-def _stratified_split(labels: torch.Tensor, fraction: float, gen: torch.Generator) -> tuple[list[int], list[int]]:
-    """(rest, part) index lists: ``round(fraction * n_c)`` of every class goes to ``part``."""
-    rest, part = [], []
-    for c in sorted(set(labels.tolist())):
-        idx = (labels == c).nonzero().flatten()
-        idx = idx[torch.randperm(len(idx), generator=gen)].tolist()
-        n = round(fraction * len(idx))
-        part += idx[:n]
-        rest += idx[n:]
-    return sorted(rest), sorted(part)
-
-
 class VisionDomain:
     name = "vision"
     head_attr = "fc"
@@ -282,8 +271,8 @@ class VisionDomain:
         ty = torch.tensor([cfg.task_digits.index(v) for v in y[task].tolist()])
         n_classes = len(cfg.task_digits)
         gen = torch.Generator().manual_seed(cfg.split_seed)
-        train, test = _stratified_split(ty, cfg.test_fraction, gen)
-        fit, held = _stratified_split(ty[train], cfg.heldout_fraction, gen)
+        train, test = stratified_split(ty, cfg.test_fraction, gen)
+        fit, held = stratified_split(ty[train], cfg.heldout_fraction, gen)
         fit, held = [train[i] for i in fit], [train[i] for i in held]
         self.indices = {"train": train, "test": test, "fit": fit, "heldout": held}
         self.images = [tx, transform_images(tx, cfg.task2_transform)]
