@@ -105,3 +105,15 @@ def test_demo_prints_the_frontier_tables(tmp_path, capsys):
 def test_a_diverged_run_never_chooses_its_rate():
     assert continual._best({1e-3: [None], 3e-3: [0.5]}) == 3e-3  # null: an infinite loss read back from JSON
     assert continual._best({1e-3: [0.2, float("inf")], 3e-3: [0.5, 0.5]}) == 3e-3
+
+
+def test_head_only_control_leaves_the_body_untouched():
+    pytest.importorskip("sklearn")
+    cfg = continual.ContinualConfig(**TINY)
+    data = continual.Digits(cfg)
+    model = continual.pretrain(data, cfg)
+    body = {n: p.clone() for n, p in model.named_parameters() if not n.startswith("fc.")}
+    continual.train_stage(model, data, "task1", "head-only", 1e-2, 0, cfg)
+    continual.train_stage(model, data, "dissimilar", "head-only", 1e-2, 0, cfg)
+    assert all(torch.equal(p, body[n]) for n, p in model.named_parameters() if not n.startswith("fc."))
+    assert "head-only" in continual.ContinualConfig().methods
