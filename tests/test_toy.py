@@ -8,6 +8,7 @@ import torch
 
 from nanoadam_lab.analysis import stats
 from nanoadam_lab.experiments import toy
+from nanoadam_lab.experiments.recipe import rate_beyond_edge
 
 TINY = dict(n_seeds=3, student_width=12, n_train=200, n_test=500, n_val=300, pretrain_steps=1500, pretrain_lr=0.2,
             finetune_steps=60, lr_grids={"gd": (0.05, 0.1), "adam": (3e-3, 1e-2)}, max_grid_extensions=1,
@@ -51,9 +52,9 @@ def test_rate_is_chosen_on_validation_and_grid_extends_at_an_edge():
     runs = {0.01: [{"val_loss": 1e-2}, {"val_loss": 1e-2}], 0.1: [{"val_loss": 1e-3}, {"val_loss": float("inf")}],
             0.03: [{"val_loss": 1e-3}, {"val_loss": 1e-3}]}
     assert toy.choose_rate(runs) == 0.03  # a diverged seed rules its rate out
-    assert toy._next_rate([0.01, 0.03, 0.1], 0.1) == pytest.approx(0.1 * 0.1 / 0.03, rel=2e-3)
-    assert toy._next_rate([0.01, 0.03, 0.1], 0.01) == pytest.approx(0.01 * 0.01 / 0.03, rel=2e-3)
-    assert toy._next_rate([0.01, 0.03, 0.1], 0.03) is None
+    assert rate_beyond_edge([0.01, 0.03, 0.1], 0.1) == pytest.approx(0.1 * 0.1 / 0.03, rel=2e-3)
+    assert rate_beyond_edge([0.01, 0.03, 0.1], 0.01) == pytest.approx(0.01 * 0.01 / 0.03, rel=2e-3)
+    assert rate_beyond_edge([0.01, 0.03, 0.1], 0.03) is None
 
 
 @pytest.mark.parametrize("strategy", ["small_weights", "large_gradients", "small_weights_static", "full"])

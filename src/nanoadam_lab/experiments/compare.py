@@ -36,6 +36,7 @@ from ..analysis.frontier import retention_at_equal_score
 from ..analysis.stats import bootstrap_difference, judged_difference
 from .glue import GlueRunConfig
 from .glue_data import TASKS
+from .recipe import rate_beyond_edge
 
 # Starting grids, three rates a factor 3 apart, extended at an edge. AdamW-like rates for the
 # dense optimizers (MiniLM-L6 is small, so a little above BERT-base's usual 2e-5 .. 5e-5);
@@ -217,13 +218,8 @@ def next_rate(tried: dict[float, dict], grid: list[float], max_extensions: int) 
     best = best_lr(tried)
     if not usable(tried[best]):
         return None  # every run failed or diverged: nothing to follow
-    if best == rates[0]:
-        step = float(f"{rates[0] * rates[0] / rates[1]:.3g}")
-    elif best == rates[-1]:
-        step = float(f"{rates[-1] * rates[-1] / rates[-2]:.3g}")
-    else:
-        return None
-    return None if step in tried else step  # rounding can land on a tried rate
+    step = rate_beyond_edge(rates, best)
+    return None if step is None or step in tried else step  # rounding can land on a tried rate
 
 
 class RunLedger:

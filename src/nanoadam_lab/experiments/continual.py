@@ -49,7 +49,7 @@ from torch import nn
 from .. import experiment as ex
 from .._io import atomic_write_json
 from ..baselines import build_optimizer
-from .recipe import Recipe, shuffled_batches
+from .recipe import Recipe, rate_beyond_edge, shuffled_batches
 
 # label -> (registry name, overrides). Densities 1 % and 0.1 % as the paper's vision runs;
 # MicroAdam's density is its gradient density.
@@ -247,12 +247,16 @@ def _best(rates: dict[float, list[float | None]]) -> float:
     return min(rates, key=key)
 
 
-def _beyond(grid: list[float], best: float) -> float | None:
-    grid = sorted(grid)
-    if len(grid) < 2 or grid[0] < best < grid[-1]:
-        return None
-    rate = grid[0] ** 2 / grid[1] if best == grid[0] else grid[-1] ** 2 / grid[-2]
-    return float(f"{rate:.3g}")
+def _search(run_at, loss_of, grid: list[float], extensions: int) -> dict[float, dict]:
+    """``run_at(lr)`` over ``grid``, then one step beyond the best rate (by ``loss_of(record)``)
+    while it sits on an edge, at most ``extensions`` times; the records by rate, sorted."""
+    tried = {lr: run_at(lr) for lr in grid}
+    for _ in range(extensions):
+        nxt = rate_beyond_edge(tried, _best({lr: [loss_of(r)] for lr, r in tried.items()}))
+        if nxt is None:
+            break
+        tried[nxt] = run_at(nxt)
+    return dict(sorted(tried.items()))
 
 
 class Runs:
@@ -308,12 +312,8 @@ def run(config: ContinualConfig, out_dir: str, progress=None) -> dict:
                 return runs.get("task1", method, f"lr{lr:g}-seed{seed}", compute=compute)
 
             # task-1 rate: first seed, held-out loss, grid extended at an edge
-            tuning = {lr: task1(lr, seeds[0]) for lr in grid}
-            for _ in range(cfg.max_grid_extensions):
-                nxt = _beyond(list(tuning), _best({lr: [r["heldout"]["loss"]] for lr, r in tuning.items()}))
-                if nxt is None:
-                    break
-                tuning[nxt] = task1(nxt, seeds[0])
+            tuning = _search(lambda lr: task1(lr, seeds[0]), lambda r: r["heldout"]["loss"], grid,
+                             cfg.max_grid_extensions)
             lr1 = _best({lr: [r["heldout"]["loss"]] for lr, r in tuning.items()})
             tick(f"{method}: task-1 rate {lr1:g}")
 
@@ -343,20 +343,13 @@ def run(config: ContinualConfig, out_dir: str, progress=None) -> dict:
                     tick(f"{method} {kind} lr {lr:g} seed {seed}")
                     return record
 
-                grid2 = list(grid)
-                first = {lr: task2(lr, seeds[0]) for lr in grid2}
-                for _ in range(cfg.max_grid_extensions):
-                    nxt = _beyond(list(first), _best({lr: [r["task2_heldout"]["loss"]] for lr, r in first.items()}))
-                    if nxt is None:
-                        break
-                    first[nxt] = task2(nxt, seeds[0])
-                grid2 = sorted(first)
-                cells = {lr: [first[lr]] + [task2(lr, s) for s in seeds[1:]] for lr in grid2}
-                models.clear()
+                first = _search(lambda lr: task2(lr, seeds[0]), lambda r: r["task2_heldout"]["loss"], grid,
+                                cfg.max_grid_extensions)
+                cells = {lr: [first[lr]] + [task2(lr, s) for s in seeds[1:]] for lr in first}
                 kinds[kind] = summarize_cells(cells)
-            methods[method] = {"lr_task1": lr1, "lr_task1_at_edge": _beyond(list(tuning), lr1) is not None,
-                               "task1_tuning": {f"{lr:g}": r["heldout"] for lr, r in
-                                                                 sorted(tuning.items())}, "task2": kinds}
+            methods[method] = {"lr_task1": lr1, "lr_task1_at_edge": rate_beyond_edge(tuning, lr1) is not None,
+                               "task1_tuning": {f"{lr:g}": r["heldout"] for lr, r in tuning.items()},
+                               "task2": kinds}
         return {"config": ex.jsonable(asdict(cfg)), "seeds": seeds,
                 "parameters": sum(p.numel() for p in pretrained.parameters()),
                 "sizes": {"fit": len(data.fit), "heldout": len(data.heldout), "test": len(data.test),
@@ -381,7 +374,7 @@ def summarize_cells(cells: dict[float, list[dict]]) -> dict:
                            "diverged": sum(bool(r["diverged"]) for r in records),
                            "mean_task2": statistics.fmean(task2), "mean_task1_after": statistics.fmean(after)}
     tuned = _best({g["lr"]: g["heldout_loss"] for g in grid.values()})
-    return {"grid": grid, "tuned_lr": tuned, "tuned_at_edge": _beyond([g["lr"] for g in grid.values()], tuned)
+    return {"grid": grid, "tuned_lr": tuned, "tuned_at_edge": rate_beyond_edge([g["lr"] for g in grid.values()], tuned)
             is not None}
 
 

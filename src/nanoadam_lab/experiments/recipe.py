@@ -46,6 +46,18 @@ class Recipe:
         return float(torch.nn.utils.clip_grad_norm_(grads, self.clip_norm)) if grads else 0.0
 
 
+def rate_beyond_edge(rates: Iterable[float], best: float) -> float | None:
+    """One grid step beyond ``best`` when it sits on an edge of the rates tried (the ratio of the
+    two rates at that edge, rounded to 3 significant digits: 0.2, not 0.20000000000000004);
+    None when it lies inside or fewer than two rates were tried. The tuning rule of DESIGN.md
+    section 5: a best value at the edge of its grid extends the grid."""
+    rates = sorted(rates)
+    if len(rates) < 2 or rates[0] < best < rates[-1]:
+        return None
+    step = rates[0] ** 2 / rates[1] if best == rates[0] else rates[-1] ** 2 / rates[-2]
+    return float(f"{step:.3g}")
+
+
 def shuffled_batches(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
     """Batches of example indices, endlessly: each pass is a permutation drawn from a generator
     seeded with ``seed`` alone, so every optimizer sees the same batches for a given seed; a pass's

@@ -69,6 +69,7 @@ import torch
 
 from .. import experiment as ex
 from .._io import atomic_write_json
+from .recipe import rate_beyond_edge
 
 STRATEGIES = ("small_weights", "large_gradients", "small_weights_static", "large_gradients_static", "full")
 LABELS = {
@@ -379,15 +380,6 @@ def choose_rate(rates: dict[float, list[dict]]) -> float:
     return min(rates, key=lambda lr: (sum(_log10(r["val_loss"]) for r in rates[lr]) / len(rates[lr]), lr))
 
 
-def _next_rate(grid: list[float], best: float) -> float | None:
-    """The rate one grid step beyond ``best`` when it is on an edge (the factor of the grid's end), else None."""
-    grid = sorted(grid)
-    if len(grid) < 2 or grid[0] < best < grid[-1]:
-        return None
-    rate = grid[0] * grid[0] / grid[1] if best == grid[0] else grid[-1] * grid[-1] / grid[-2]
-    return float(f"{rate:.3g}")  # 0.2, not 0.20000000000000004
-
-
 def _run(cfg: ToyConfig, tick: Callable, bar, cells_dir: str | None) -> dict:
     start = time.perf_counter()
     seeds = [cfg.seed + i for i in range(cfg.n_seeds)]
@@ -456,7 +448,7 @@ def _run(cfg: ToyConfig, tick: Callable, bar, cells_dir: str | None) -> dict:
                     rates[lr] = cell(k, update, strategy, lr)
                     tick(f"k={k} {update} {strategy} lr {lr:g}")
                 extensions = 0
-                while (nxt := _next_rate(list(rates), choose_rate(rates))) is not None \
+                while (nxt := rate_beyond_edge(list(rates), choose_rate(rates))) is not None \
                         and extensions < cfg.max_grid_extensions:
                     rates[nxt] = cell(k, update, strategy, nxt)
                     extensions += 1
@@ -464,7 +456,7 @@ def _run(cfg: ToyConfig, tick: Callable, bar, cells_dir: str | None) -> dict:
                 lr = choose_rate(rates)
                 runs = rates[lr]
                 methods[strategy] = {
-                    "lr": lr, "at_grid_edge": _next_rate(list(rates), lr) is not None,
+                    "lr": lr, "at_grid_edge": rate_beyond_edge(list(rates), lr) is not None,
                     "rates": {f"{r:g}": {"val_log10_mse": sum(_log10(x["val_loss"]) for x in rates[r]) / len(seeds),
                                          "test_log10_mse": sum(_log10(x["test_loss"]) for x in rates[r]) / len(seeds)}
                               for r in sorted(rates)},
