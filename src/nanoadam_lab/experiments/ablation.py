@@ -30,9 +30,19 @@ from pathlib import Path
 from typing import Any
 
 from .. import experiment as ex
-from .compare import (BUDGET_OPTIMIZER_OVERRIDES, LR_GRIDS, RunLedger, _grid_row, _paired, best_lr, budget_settings,
-                      next_rate, run_path, usable)
-from .glue import GlueRunConfig
+from .compare import (
+    BUDGET_OPTIMIZER_OVERRIDES,
+    LR_GRIDS,
+    RunLedger,
+    _grid_row,
+    _paired,
+    best_lr,
+    budget_settings,
+    next_rate,
+    run_path,
+    usable,
+)
+from .glue import GlueRunConfig, same_run
 
 REFERENCE = "small_weights"
 
@@ -98,7 +108,8 @@ def _reused(config: AblationConfig, run: GlueRunConfig, path: Path) -> None:
     if config.reuse is None or path.exists():
         return
     source = run_path(Path(config.reuse), run.task, run.optimizer, run.lr, run.seed)
-    if source.exists() and json.loads(source.read_text())["config"] == json.loads(json.dumps(asdict(run))):
+    # Filled in through GlueRunConfig: a file written before a field existed has that field's default.
+    if source.exists() and same_run(json.loads(source.read_text())["config"], run):
         path.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, path)
 

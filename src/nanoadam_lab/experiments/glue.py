@@ -14,18 +14,28 @@ curve, wall time per step, the optimizer step time, the peak memory increase of 
 (``VmHWM`` after training minus the resident size before it, Linux), the backbone's parameter
 shift and untouched fraction (head excluded), and the retention probe after training
 (``retention.sts_spearman``: zero-shot STS-B Spearman of the backbone's mean-pooled embeddings).
+
+Continual finetuning (``continual_glue``) chains runs: ``save_to`` writes the finetuned model's
+state dict, ``init_from`` starts a run from one (the body loaded, a new seeded head), and
+``watch_task`` scores the earlier task along the way with its own head, reloaded from
+``init_from`` for each evaluation and put back after: before training, at every evaluation point
+and at the end (held-out slice and validation set, split as that task's own run split them).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import random
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
+
+from nanoadam.grouping import DEFAULT_HEAD_NAMES, is_head
 
 from .._io import reset_peak_rss, status_kb
 from ..analysis.shift import backbone_snapshot, shift_report
@@ -68,6 +78,11 @@ class GlueRunConfig:
     label_field: str = "label"
     num_labels: int | None = None
     metric: str | None = None
+    # Continual finetuning: start from a saved run, save this one, score the earlier task on the way.
+    init_from: str | None = None  # a state dict written by a run's save_to: its body is loaded, the head is new
+    save_to: str | None = None  # where the finetuned model's state dict goes (not written if it diverged)
+    watch_task: str | None = None  # the task init_from was finetuned on, scored with its own head
+    watch_train_limit: int | None = None  # that task's run's train_limit, so that its held-out slice is the same
 
     def __post_init__(self):
         if self.dataset is None and self.task not in TASKS:
@@ -78,6 +93,16 @@ class GlueRunConfig:
         if self.eval_split not in ("validation", "heldout"):
             raise ValueError(f"Invalid eval_split: {self.eval_split!r} (expected 'validation' or 'heldout')")
         Recipe(self.warmup_fraction, self.clip_norm)  # validates
+        if self.watch_task is not None:
+            if self.watch_task not in TASKS:
+                raise ValueError(f"unknown watch_task {self.watch_task!r}; choose one of {', '.join(TASKS)}")
+            if self.init_from is None:
+                raise ValueError("watch_task needs init_from: the watched task's head comes from that checkpoint")
+            if TASKS[self.watch_task].num_labels != self.spec.num_labels:
+                raise ValueError(f"watch_task {self.watch_task!r} has {TASKS[self.watch_task].num_labels} labels and "
+                                 f"{self.spec.name!r} {self.spec.num_labels}: the two heads must have the same shape")
+        if (self.init_from or self.save_to) and self.lora_r:
+            raise ValueError("init_from and save_to take full models; they do not combine with lora_r")
 
     @property
     def spec(self) -> TaskSpec:
@@ -90,6 +115,14 @@ class GlueRunConfig:
     @property
     def recipe(self) -> Recipe:
         return Recipe(self.warmup_fraction, self.clip_norm)
+
+
+def same_run(stored: dict, config: GlueRunConfig) -> bool:
+    """Whether a run file's config is ``config``; fields added since the file was written count
+    at their defaults (they did not exist, so the run was made as those defaults make it)."""
+    import json
+
+    return json.loads(json.dumps(asdict(GlueRunConfig(**stored)))) == json.loads(json.dumps(asdict(config)))
 
 
 def resolve_model_path(model: str) -> str:
@@ -196,7 +229,12 @@ def run(config: GlueRunConfig, rows: dict[str, list[dict]] | None = None, progre
         probe_rows = load_task("stsb", config.data_dir)["validation"]
     torch.manual_seed(config.seed)
     model, tokenizer = load_model_and_tokenizer(config.model, spec.num_labels, config.lora_r)
+    start = None
+    if config.init_from is not None:
+        start = torch.load(config.init_from, map_location="cpu", weights_only=True)
+        load_body(model, start)  # the head stays the seeded new one
     train, scored = split_data(config, rows, tokenizer)
+    watch = WatchedTask.of(config, model, tokenizer, start) if config.watch_task else None
     first_split = next(iter(scored))
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
@@ -210,6 +248,7 @@ def run(config: GlueRunConfig, rows: dict[str, list[dict]] | None = None, progre
     batches = shuffled_batches(len(train), config.batch_size, config.seed)
     eval_at = {round(total_steps * (i + 1) / (config.eval_points + 1)) for i in range(config.eval_points)}
 
+    watch_curve = [{"step": 0, **watch.evaluate(model, pad_id)}] if watch else []
     rss_before = status_kb("VmRSS")
     peak_ok = reset_peak_rss()
     losses, grad_norms, step_times, opt_times, eval_curve = [], [], [], [], []
@@ -232,6 +271,8 @@ def run(config: GlueRunConfig, rows: dict[str, list[dict]] | None = None, progre
             break
         if step in eval_at:
             eval_curve.append({"step": step, **evaluate(model, scored[first_split], spec, pad_id)})
+            if watch:
+                watch_curve.append({"step": step, **watch.evaluate(model, pad_id)})
         if progress is not None:
             progress(step, total_steps)
     train_seconds = time.perf_counter() - started
@@ -243,6 +284,15 @@ def run(config: GlueRunConfig, rows: dict[str, list[dict]] | None = None, progre
               for name, data in scored.items()}
     final = {k: v for k, v in splits[first_split].items() if k not in ("predictions", "labels")}
     eval_curve.append({"step": len(losses), **final})
+    watched = None
+    if watch:
+        watched = {"task": config.watch_task, **watch.scored(model, pad_id)}
+        watch_curve.append({"step": len(losses), **{k: v for k, v in watched["validation"].items()
+                                                     if k not in ("predictions", "labels")}})
+        watched["curve"] = watch_curve
+    saved = None
+    if config.save_to is not None and not diverged:
+        saved = save_state(model, config.save_to)
     retention = None
     if config.retention_probe and not diverged:
         retention = sts_spearman(encoder_of(model), tokenizer,
@@ -254,6 +304,9 @@ def run(config: GlueRunConfig, rows: dict[str, list[dict]] | None = None, progre
         **splits,
         "retention": retention,
         "retention_probe_held_out": spec.name != "stsb",  # STS-B runs train on the probe's task
+        "watch": watched,
+        "init_sha256": state_fingerprint(start) if start is not None else None,
+        "saved_sha256": saved,
         "train_examples": len(train),
         "eval_examples": len(scored[first_split]),
         "steps": len(losses),
@@ -269,6 +322,79 @@ def run(config: GlueRunConfig, rows: dict[str, list[dict]] | None = None, progre
         "optimizer_hyperparameters": bundle.hyperparameters,
         **shift_report(model, snapshot),
     }
+
+
+def head_keys(model: torch.nn.Module, head_names=DEFAULT_HEAD_NAMES) -> set[str]:
+    """The state-dict keys of the model's head modules (``classifier.*`` for BERT)."""
+    heads = [name for name, _ in model.named_modules() if is_head(name, tuple(head_names))]
+    return {k for k in model.state_dict() if any(k.startswith(h + ".") for h in heads)}
+
+
+def load_body(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Loads every non-head tensor of ``state`` (a finetuned model's state dict) into ``model``;
+    the head is left as it is. Raises ``ValueError`` when the two bodies differ."""
+    heads = head_keys(model)
+    body = {k: v for k, v in state.items() if k not in heads}
+    missing = sorted(set(model.state_dict()) - heads - set(body))
+    unexpected = sorted(set(body) - set(model.state_dict()))
+    if missing or unexpected:
+        raise ValueError(f"init_from does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.load_state_dict(body, strict=False)
+
+
+def state_fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the names and bytes of a state dict: which checkpoint a run started from."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_state(model: torch.nn.Module, path: str) -> str:
+    """Writes the model's state dict to ``path`` atomically; returns its fingerprint."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return state_fingerprint(state)
+
+
+class WatchedTask:
+    """An earlier task scored along a later run with its own head: the head's tensors are copied
+    in for each evaluation and the current head's put back after (in place, so the optimizer's
+    parameters and state are untouched)."""
+
+    def __init__(self, spec: TaskSpec, splits: dict[str, Encoded], head: dict[str, torch.Tensor],
+                 train_labels: torch.Tensor):
+        self.spec, self.splits, self.head, self.train_labels = spec, splits, head, train_labels
+
+    @classmethod
+    def of(cls, config: GlueRunConfig, model: torch.nn.Module, tokenizer,
+           start: dict[str, torch.Tensor]) -> WatchedTask:
+        # Split as the watched task's own run split it: its train_limit, this run's held-out fraction.
+        own = replace(config, task=config.watch_task, train_limit=config.watch_train_limit, dataset=None,
+                      watch_task=None, init_from=None, save_to=None)
+        train, splits = split_data(own, load_task(own.spec, config.data_dir), tokenizer)
+        return cls(own.spec, splits, {k: start[k].clone() for k in head_keys(model)}, train.labels)
+
+    def _with_head(self, model: torch.nn.Module, score):
+        current = {k: v.detach().clone() for k, v in model.state_dict().items() if k in self.head}
+        model.load_state_dict(self.head, strict=False)
+        try:
+            return score()
+        finally:
+            model.load_state_dict(current, strict=False)
+
+    def evaluate(self, model: torch.nn.Module, pad_id: int) -> dict[str, float]:
+        """The validation metrics (for the curve)."""
+        return self._with_head(model, lambda: evaluate(model, self.splits["validation"], self.spec, pad_id))
+
+    def scored(self, model: torch.nn.Module, pad_id: int) -> dict[str, dict]:
+        """Every split, with predictions (``scored_split``)."""
+        return self._with_head(model, lambda: {name: scored_split(model, data, self.spec, pad_id, self.train_labels)
+                                               for name, data in self.splits.items()})
 
 
 def encoder_of(model) -> torch.nn.Module:
