@@ -14,14 +14,16 @@ from torch import nn
 from nanoadam.grouping import DEFAULT_HEAD_NAMES, is_head
 
 
+def head_keys(model: nn.Module, head_names: Iterable[str] = DEFAULT_HEAD_NAMES) -> set[str]:
+    """The state-dict keys (parameters and buffers) under the model's head modules (``classifier.*`` for BERT)."""
+    heads = [name for name, _ in model.named_modules() if is_head(name, tuple(head_names))]
+    return {k for k in model.state_dict() if any(k.startswith(h + ".") for h in heads)}
+
+
 def backbone_snapshot(model: nn.Module, head_names: Iterable[str] = DEFAULT_HEAD_NAMES) -> dict[str, torch.Tensor]:
     """Copies of the trainable non-head parameters, to compare against after training."""
-    heads = [name for name, _ in model.named_modules() if is_head(name, tuple(head_names))]
-    return {
-        n: p.detach().clone()
-        for n, p in model.named_parameters()
-        if p.requires_grad and not any(n == h or n.startswith(h + ".") for h in heads)
-    }
+    heads = head_keys(model, head_names)
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad and n not in heads}
 
 
 def shift_report(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> dict[str, float]:

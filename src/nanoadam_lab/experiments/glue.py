@@ -25,6 +25,7 @@ and at the end (held-out slice and validation set, split as that task's own run 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import random
@@ -35,10 +36,8 @@ from typing import Any
 
 import torch
 
-from nanoadam.grouping import DEFAULT_HEAD_NAMES, is_head
-
 from .._io import reset_peak_rss, status_kb
-from ..analysis.shift import backbone_snapshot, shift_report
+from ..analysis.shift import backbone_snapshot, head_keys, shift_report
 from ..baselines import build_optimizer
 from .glue_data import TASKS, Encoded, TaskSpec, as_spec, collate, compute_metrics, custom_task, encode, load_task
 from .recipe import Recipe, shuffled_batches
@@ -120,8 +119,6 @@ class GlueRunConfig:
 def same_run(stored: dict, config: GlueRunConfig) -> bool:
     """Whether a run file's config is ``config``; fields added since the file was written count
     at their defaults (they did not exist, so the run was made as those defaults make it)."""
-    import json
-
     return json.loads(json.dumps(asdict(GlueRunConfig(**stored)))) == json.loads(json.dumps(asdict(config)))
 
 
@@ -322,12 +319,6 @@ def run(config: GlueRunConfig, rows: dict[str, list[dict]] | None = None, progre
         "optimizer_hyperparameters": bundle.hyperparameters,
         **shift_report(model, snapshot),
     }
-
-
-def head_keys(model: torch.nn.Module, head_names=DEFAULT_HEAD_NAMES) -> set[str]:
-    """The state-dict keys of the model's head modules (``classifier.*`` for BERT)."""
-    heads = [name for name, _ in model.named_modules() if is_head(name, tuple(head_names))]
-    return {k for k in model.state_dict() if any(k.startswith(h + ".") for h in heads)}
 
 
 def load_body(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
