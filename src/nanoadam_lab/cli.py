@@ -170,6 +170,21 @@ def build_parser() -> argparse.ArgumentParser:
     abl.add_argument("--threads", type=_positive_int, default=2)
     abl.add_argument("--out", type=Path, default=Path("results/ablation"))
 
+    cglue = analyses.add_parser("continual-glue", help="language continual finetuning (MiniLM): task 1, then task 2 "
+                                                       "with task 1 scored along the way; frontiers against AdamW")
+    cglue.add_argument("--task1", type=_task, default="sst2")
+    cglue.add_argument("--task2", type=_task, default="cola")
+    cglue.add_argument("--methods", type=_names, default=None,
+                       help="comma-separated registry names (default: adamw, nanoadam, lift, head-only)")
+    cglue.add_argument("--seeds", type=_positive_int, default=5, help="seeds at the chosen task-2 rate")
+    cglue.add_argument("--frontier-seeds", type=_positive_int, default=3, help="seeds at every task-2 rate tried")
+    cglue.add_argument("--reuse", type=Path, help="a `nanoadam compare` output folder whose identical task-1 runs "
+                                                  "are copied")
+    cglue.add_argument("--checkpoints", type=Path, help="where the task-1 models go (default: OUT/checkpoints; "
+                                                        "about 90 MB each)")
+    cglue.add_argument("--render-only", action="store_true", help="run nothing: summarize and render what is finished")
+    _add_common_glue_args(cglue)
+
     forget = analyses.add_parser("forgetting", help="continual finetuning: task 1, task 2, task 1 again")
     forget.add_argument("--domains", default="vision", help="vision, language or vision,language")
     forget.add_argument("--seeds", type=_positive_int, default=None, help="seeds per domain (default 3 / 1)")
@@ -585,6 +600,34 @@ def _reproduce_ablation(args) -> int:
     return 1 if result["failures"] else 0
 
 
+def _reproduce_continual_glue(args) -> int:
+    tqdm = _require("tqdm.auto", "cli").tqdm
+    from .experiments.continual_glue import ContinualGlueConfig, main
+
+    if args.peft:
+        raise UsageError("nanoadam reproduce continual-glue: --peft is not supported (task-1 models are full models)")
+    out = args.out or Path("results/continual-glue")
+    try:
+        config = ContinualGlueConfig(task1=args.task1, task2=args.task2, budget=args.budget, seeds=args.seeds,
+                                     frontier_seeds=args.frontier_seeds, model=args.model, data_dir=args.data_dir,
+                                     out=str(out), checkpoints=str(args.checkpoints) if args.checkpoints else None,
+                                     threads=args.threads, reuse=str(args.reuse) if args.reuse else None,
+                                     **({"methods": args.methods} if args.methods else {}))
+    except ValueError as e:
+        raise UsageError(f"nanoadam reproduce continual-glue: {e}") from None
+    _check_glue_inputs(args, [args.task1, args.task2])
+    with tqdm(desc="continual-glue", unit="run", disable=args.render_only) as bar:
+        def progress(done, total, path):
+            bar.total = total
+            bar.set_postfix_str(str(path.relative_to(out / "runs")))
+            bar.update(1)
+        result = main(config, command=_command_line(), progress=progress, render_only=args.render_only)
+    print((out / "continual_glue.md").read_text())
+    for failure in result["failures"]:
+        print(f"failed: {failure['run']}: {failure['error']}", file=sys.stderr)
+    return 1 if result["failures"] else 0
+
+
 def _reproduce_forgetting(args) -> int:
     from .experiments.forgetting import ForgettingConfig, LanguageConfig, VisionConfig, main
 
@@ -745,7 +788,8 @@ def main(argv: list[str] | None = None) -> int:
             return _sft(args)
         if args.command == "reproduce":
             handlers = {"toy": _reproduce_toy, "continual": _reproduce_continual, "correlation": _reproduce_correlation,
-                        "ablation": _reproduce_ablation, "forgetting": _reproduce_forgetting}
+                        "ablation": _reproduce_ablation, "forgetting": _reproduce_forgetting,
+                        "continual-glue": _reproduce_continual_glue}
             if args.analysis not in handlers:
                 raise UsageError(f"nanoadam reproduce: choose one of {', '.join(handlers)}")
             return handlers[args.analysis](args)

@@ -23,7 +23,6 @@ instead of run again.
 from __future__ import annotations
 
 import json
-import shutil
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,10 +38,10 @@ from .compare import (
     best_lr,
     budget_settings,
     next_rate,
-    run_path,
+    reuse_run,
     usable,
 )
-from .glue import GlueRunConfig, same_run
+from .glue import GlueRunConfig
 
 REFERENCE = "small_weights"
 
@@ -103,17 +102,6 @@ class AblationConfig:
                              optimizer_overrides=overrides, **settings)
 
 
-def _reused(config: AblationConfig, run: GlueRunConfig, path: Path) -> None:
-    """Copies ``run``'s result from ``config.reuse`` when a run there has exactly its settings."""
-    if config.reuse is None or path.exists():
-        return
-    source = run_path(Path(config.reuse), run.task, run.optimizer, run.lr, run.seed)
-    # Filled in through GlueRunConfig: a file written before a field existed has that field's default.
-    if source.exists() and same_run(json.loads(source.read_text())["config"], run):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, path)
-
-
 def run(config: AblationConfig, execute=None, progress=None) -> dict:
     out = Path(config.out)
     table = config.variants()
@@ -124,7 +112,7 @@ def run(config: AblationConfig, execute=None, progress=None) -> dict:
     def ensure(name: str, lr: float, seed: int) -> dict | None:
         run_cfg = config.run_config(name, lr, seed)
         path = out / "runs" / name / f"lr{lr:g}-seed{seed}.json"
-        _reused(config, run_cfg, path)
+        reuse_run(Path(config.reuse) if config.reuse else None, run_cfg, path)
         return ledger.ensure(run_cfg, path)
 
     chosen: dict[str, float | None] = {}

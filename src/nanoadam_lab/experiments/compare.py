@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing
+import shutil
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ from typing import Any
 from .._io import atomic_write_json
 from ..analysis.frontier import retention_at_equal_score
 from ..analysis.stats import bootstrap_difference, judged_difference
-from .glue import GlueRunConfig
+from .glue import GlueRunConfig, same_run
 from .glue_data import TASKS
 from .recipe import rate_beyond_edge
 
@@ -141,6 +142,21 @@ class CompareConfig:
 def run_path(out: Path, task: str, optimizer: str, lr: float, seed: int, tied: dict[str, float] | None = None) -> Path:
     extra = "".join(f"-{k}{v:g}" for k, v in sorted((tied or {}).items()))
     return out / "runs" / task / optimizer / f"lr{lr:g}{extra}-seed{seed}.json"
+
+
+def reuse_run(source: Path | None, config: GlueRunConfig, path: Path) -> bool:
+    """Copies ``config``'s run file from another comparison's folder ``source`` to ``path`` when a
+    run there was made with exactly these settings (``glue.same_run``); whether it did."""
+    if source is None or path.exists():
+        return False
+    tied = {k: config.optimizer_overrides[k] for k in RATE_TIES.get(config.optimizer, {})
+            if k in config.optimizer_overrides}
+    origin = run_path(source, config.task, config.optimizer, config.lr, config.seed, tied)
+    if not origin.exists() or not same_run(json.loads(origin.read_text())["config"], config):
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(origin, path)
+    return True
 
 
 def _write_atomic(path: Path, data: dict) -> None:

@@ -1,0 +1,395 @@
+"""``nanoadam reproduce continual-glue``: language continual finetuning with frontiers (DESIGN.md section 5).
+
+The question of the vision experiment (``continual``) on MiniLM: at equal success on a second
+GLUE task, does an optimizer keep more of the first? Each method (a registry optimizer, none
+special-cased) finetunes MiniLM on task 1 (default SST-2), then the result on task 2 (default
+CoLA, with a new head), and task 1 is scored along the way with its own head reloaded
+(``GlueRunConfig.watch_task``): before task 2, at ``task2_eval_points`` points during it and at
+its end, on task 1's held-out slice and its validation set. The zero-shot STS-B probe of the
+GLUE comparison (``retention``) is measured after each run as well. Every run uses the GLUE
+comparison's recipe, budget, held-out slices and batch order (``compare.CompareConfig.run_config``).
+
+Protocol:
+
+* Task-1 rate: ``compare``'s search (seed 0 over the method's grid, extended at an edge, best
+  held-out task-1 score, ties to the lower held-out loss). ``reuse``: a comparison's folder whose
+  identical runs are copied instead of run again. Then every seed trains task 1 at that rate and
+  saves its model (``checkpoints``; not committed, about 90 MB each, and rebuilt when missing: a
+  rebuilt model whose fingerprint differs from the one its task-2 runs started from is flagged).
+* Task 2 from each method's own task-1 model of the same seed: seed 0 over the method's grid with
+  the same search, by held-out task-2 score; seeds below ``frontier_seeds`` at every rate it
+  tried (the frontier); every seed at the chosen rate (the paired comparison).
+* Summary: per method and task-2 rate, the means of task-2 validation score, task-1 validation
+  score after task 2 and the STS-B probe (the frontier); at the chosen rates, per-seed paired
+  differences against AdamW with 95 % t-intervals (task 2, task 1 after, forgetting = before
+  minus after, the probe) and retention at equal task-2 score against AdamW's frontier
+  (``analysis.frontier``). ``head-only`` is the control: the body never moves, so task 1 after is
+  task 1 before and the probe stays at the pretrained model's.
+
+Run files go to ``out/runs/{task1,task1-saved,task2}/<method>/lr<lr>-seed<s>.json`` as they finish;
+a rerun of the same command skips every run whose file exists.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .. import experiment as ex
+from ..analysis.frontier import retention_at_equal_score
+from ..analysis.stats import judged_difference
+from .compare import BUDGETS, LR_GRIDS, CompareConfig, RunLedger, _load, best_lr, next_rate, reuse_run, usable
+from .glue import GlueRunConfig
+from .glue_data import TASKS
+
+METHODS = ["adamw", "nanoadam", "lift", "head-only"]
+REFERENCE = "adamw"
+
+
+@dataclass
+class ContinualGlueConfig:
+    task1: str = "sst2"
+    task2: str = "cola"
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    budget: str = "standard"
+    seeds: int = 5
+    frontier_seeds: int = 3  # seeds at every task-2 rate tried (the frontier); all seeds at the chosen one
+    model: str = "minilm"
+    data_dir: str | None = None
+    out: str = "results/continual-glue"
+    checkpoints: str | None = None  # task-1 models (default: out/checkpoints)
+    lr_grids: dict[str, list[float]] = field(default_factory=lambda: {m: list(g) for m, g in LR_GRIDS.items()})
+    max_extensions: int = 3
+    task2_eval_points: int = 4  # task 1 scored at this many points during task 2, besides before and after
+    threads: int = 2
+    overrides: dict[str, Any] = field(default_factory=dict)  # budget settings to override (tests)
+    reuse: str | None = None  # a `nanoadam compare` folder whose identical task-1 runs are copied
+
+    def __post_init__(self):
+        for name in ("task1", "task2"):
+            if getattr(self, name) not in TASKS:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose from {', '.join(TASKS)}")
+        if self.task1 == self.task2:
+            raise ValueError("task1 and task2 must differ")
+        if TASKS[self.task1].num_labels != TASKS[self.task2].num_labels:
+            raise ValueError(f"{self.task1} and {self.task2} have different label counts: task 1's head could "
+                             "not be reloaded into the task-2 model")
+        if self.budget not in BUDGETS:
+            raise ValueError(f"unknown budget {self.budget!r}; choose from {', '.join(BUDGETS)}")
+        if REFERENCE not in self.methods:
+            raise ValueError(f"the methods must include the reference {REFERENCE!r}")
+        missing = [m for m in self.methods if m not in self.lr_grids]
+        if missing:
+            raise ValueError(f"no learning-rate grid for {', '.join(missing)}")
+        if self.seeds < 2 or not 1 <= self.frontier_seeds <= self.seeds:
+            raise ValueError("seeds must be >= 2 (paired intervals) and 1 <= frontier_seeds <= seeds")
+
+    def _compare(self) -> CompareConfig:
+        return CompareConfig(tasks=[self.task1, self.task2], optimizers=self.methods, budget=self.budget,
+                             seeds=self.seeds, model=self.model, data_dir=self.data_dir, out=self.out,
+                             lr_grids=self.lr_grids, max_extensions=self.max_extensions, threads=self.threads,
+                             overrides=self.overrides, rate_ties={})
+
+    def checkpoint(self, method: str, lr1: float, seed: int) -> str:
+        root = Path(self.checkpoints) if self.checkpoints else Path(self.out) / "checkpoints"
+        return str(root / method / f"lr{lr1:g}-seed{seed}.pt")
+
+    def task1_config(self, method: str, lr: float, seed: int) -> GlueRunConfig:
+        """Exactly the GLUE comparison's run (so that its runs can be reused)."""
+        return self._compare().run_config(self.task1, method, lr, seed)
+
+    def saved_config(self, method: str, lr1: float, seed: int) -> GlueRunConfig:
+        return replace(self.task1_config(method, lr1, seed), eval_points=0,
+                       save_to=self.checkpoint(method, lr1, seed))
+
+    def task2_config(self, method: str, lr1: float, lr: float, seed: int) -> GlueRunConfig:
+        return replace(self._compare().run_config(self.task2, method, lr, seed), eval_points=self.task2_eval_points,
+                       init_from=self.checkpoint(method, lr1, seed), watch_task=self.task1,
+                       watch_train_limit=self.task1_config(method, lr1, seed).train_limit)
+
+
+def _path(out: Path, stage: str, method: str, lr: float, seed: int) -> Path:
+    return out / "runs" / stage / method / f"lr{lr:g}-seed{seed}.json"
+
+
+def _search(ensure, grid: list[float], max_extensions: int) -> tuple[dict[float, dict], float | None]:
+    """Seed 0 over ``grid`` (extended at an edge), as ``compare`` searches; (tried, chosen rate or None)."""
+    tried: dict[float, dict] = {}
+    while (lr := next_rate(tried, grid, max_extensions)) is not None:
+        tried[lr] = ensure(lr) or {"score": float("nan")}
+    found = {r: x for r, x in tried.items() if usable(x)}
+    return tried, (best_lr(found) if found else None)
+
+
+def run(config: ContinualGlueConfig, execute=None, progress=None) -> dict:
+    """Runs (or resumes) every stage; returns the summary (``summarize``) with the failures and the
+    task-1 models rebuilt on the way."""
+    out = Path(config.out)
+    grids = config.lr_grids
+    planned = sum(2 * len(grids[m]) + 2 * config.seeds + (len(grids[m]) - 1) * (config.frontier_seeds - 1)
+                  for m in config.methods)
+    ledger = RunLedger(planned, execute, progress)
+    rebuilt: list[dict] = []
+
+    def task1(method: str, lr: float) -> dict | None:
+        run_config, path = config.task1_config(method, lr, 0), _path(out, "task1", method, lr, 0)
+        reuse_run(Path(config.reuse) if config.reuse else None, run_config, path)
+        return ledger.ensure(run_config, path)
+
+    def task1_model(method: str, lr1: float, seed: int) -> dict | None:
+        """The saved task-1 run of ``seed``; its model is rebuilt when the file is missing."""
+        run_config, path = config.saved_config(method, lr1, seed), _path(out, "task1-saved", method, lr1, seed)
+        if path.exists() and not Path(run_config.save_to).exists():
+            old = _load(path)
+            path.unlink()
+            new = ledger.ensure(run_config, path)
+            rebuilt.append({"run": str(path.relative_to(out)), "old_sha256": old.get("saved_sha256"),
+                            "new_sha256": new.get("saved_sha256") if new else None})
+            return new
+        return ledger.ensure(run_config, path)
+
+    def task2(method: str, lr1: float, lr: float, seed: int) -> dict | None:
+        path = _path(out, "task2", method, lr, seed)
+        if not path.exists():
+            saved = task1_model(method, lr1, seed)
+            if saved is None or not saved.get("saved_sha256"):
+                return None  # task 1 failed or diverged at this seed: nothing to continue from
+        return ledger.ensure(config.task2_config(method, lr1, lr, seed), path)
+
+    for method in config.methods:
+        _, lr1 = _search(lambda lr, m=method: task1(m, lr), grids[method], config.max_extensions)
+        if lr1 is None:
+            continue
+        # Each seed's task-1 model is trained (or rebuilt) when a task-2 run first needs it.
+        tried, lr2 = _search(lambda lr, m=method, r1=lr1: task2(m, r1, lr, 0), grids[method], config.max_extensions)
+        for seed in range(1, config.seeds):
+            for lr in sorted(tried):
+                if seed < config.frontier_seeds or lr == lr2:
+                    task2(method, lr1, lr, seed)
+    return {**summarize(config), "failures": ledger.failures, "rebuilt_models": rebuilt}
+
+
+def _runs(out: Path, stage: str, method: str) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / "runs" / stage / method).glob("*.json"))]
+
+
+def _mean(xs) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.fmean(xs) if xs else None
+
+
+def _task2_record(run: dict, before: dict | None) -> dict:
+    after = run["watch"]["validation"]["score"] if run.get("watch") else None
+    task1_before = before["validation"]["score"] if before else None
+    return {"seed": run["config"]["seed"], "task2": run["validation"]["score"], "task2_heldout": run["score"],
+            "task1_before": task1_before, "task1_after": after,
+            "forgetting": task1_before - after if task1_before is not None and after is not None else None,
+            "retention": run.get("retention"), "diverged": bool(run["metrics"].get("diverged"))}
+
+
+def summarize(config: ContinualGlueConfig) -> dict:
+    """Reads the run files under ``config.out`` into per-method frontiers and the paired comparison."""
+    out = Path(config.out)
+    methods: dict[str, dict] = {}
+    for method in config.methods:
+        tuning1 = {r["config"]["lr"]: r for r in _runs(out, "task1", method) if r["config"]["seed"] == 0}
+        if not tuning1 or next_rate(tuning1, config.lr_grids[method], config.max_extensions) is not None:
+            continue  # the task-1 search has not settled yet
+        found = {lr: r for lr, r in tuning1.items() if usable(r)}
+        if not found:
+            continue
+        lr1 = best_lr(found)
+        saved = {r["config"]["seed"]: r for r in _runs(out, "task1-saved", method) if r["config"]["lr"] == lr1}
+        # Only runs that continue this task-1 rate's models (an earlier choice's runs are left out).
+        runs2 = [r for r in _runs(out, "task2", method)
+                 if r["config"]["init_from"] == config.checkpoint(method, lr1, r["config"]["seed"])]
+        by_rate: dict[float, list[dict]] = {}
+        for r in runs2:
+            by_rate.setdefault(r["config"]["lr"], []).append(_task2_record(r, saved.get(r["config"]["seed"])))
+        tuning2 = {r["config"]["lr"]: r for r in runs2 if r["config"]["seed"] == 0}
+        settled = bool(tuning2) and next_rate(tuning2, config.lr_grids[method], config.max_extensions) is None
+        usable2 = {lr: r for lr, r in tuning2.items() if usable(r)}
+        lr2 = best_lr(usable2) if settled and usable2 else None
+        frontier = []
+        for lr in sorted(by_rate):
+            records = sorted((x for x in by_rate[lr] if x["seed"] < config.frontier_seeds), key=lambda x: x["seed"])
+            frontier.append({"lr": lr, "seeds": [x["seed"] for x in records],
+                             **{f"mean_{k}": _mean(x[k] for x in records)
+                                for k in ("task2", "task1_after", "retention", "forgetting")},
+                             "diverged": sum(x["diverged"] for x in records)})
+        tuned = sorted(by_rate.get(lr2, []), key=lambda x: x["seed"]) if lr2 is not None else []
+        methods[method] = {
+            "lr_task1": lr1, "task1_grid": [{"lr": lr, "heldout": r["score"], "validation": r["validation"]["score"]}
+                                            for lr, r in sorted(tuning1.items())],
+            "task1_before": [saved[s]["validation"]["score"] for s in sorted(saved)],
+            "lr_task2": lr2, "task2_settled": settled,
+            "task2_at_edge": lr2 is not None and lr2 in (min(tuning2), max(tuning2)),
+            "frontier": frontier, "tuned": tuned,
+            # task-2 runs that started from another model than the saved task-1 run on file (a rebuilt one)
+            "init_mismatches": [f"lr{r['config']['lr']:g}-seed{r['config']['seed']}" for r in runs2
+                                if r.get("init_sha256") != saved.get(r["config"]["seed"], {}).get("saved_sha256")],
+            "curve_file": f"runs/task2/{method}/lr{lr2:g}-seed0.json" if lr2 is not None else None,
+        }
+    return {"config": asdict(config), "methods": methods, "comparisons": compare_methods(methods)}
+
+
+def _paired(cell: list[dict], reference: list[dict], key: str) -> dict:
+    theirs = {x["seed"]: x[key] for x in reference}
+    return judged_difference([x[key] - theirs[x["seed"]] for x in cell
+                              if x[key] is not None and theirs.get(x["seed"]) is not None])
+
+
+def compare_methods(methods: dict[str, dict]) -> dict[str, dict]:
+    """Each method against AdamW at the chosen task-2 rates: paired per-seed differences, and
+    retention at equal task-2 score (task 1 after, and the probe) against AdamW's frontier."""
+    ref = methods.get(REFERENCE)
+    if ref is None or not ref["tuned"]:
+        return {}
+    rows = {}
+    for method, m in methods.items():
+        if method == REFERENCE or not m["tuned"]:
+            continue
+        row = {key: _paired(m["tuned"], ref["tuned"], key)
+               for key in ("task2", "task1_after", "forgetting", "retention")}
+        cell = {"scores": [x["task2"] for x in m["tuned"]]}
+        for key in ("task1_after", "retention"):
+            reference = {"grid": [{"validation": p["mean_task2"], "retention": p[f"mean_{key}"]}
+                                  for p in ref["frontier"]]}
+            equal = retention_at_equal_score({**cell, "retention": [x[key] for x in m["tuned"]]}, reference)
+            equal.pop("front")
+            row[f"{key}_at_equal_task2"] = equal
+        rows[method] = row
+    return rows
+
+
+# -- rendering ---------------------------------------------------------------------------------
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.2f}"
+
+
+def _ci(d: dict | None) -> str:
+    if not d or d["n"] < 2:
+        return "-" if not d else f"{_pct(d['mean'])} (n = {d['n']})"
+    return f"{100 * d['mean']:+.2f} [{100 * d['lo']:+.2f}, {100 * d['hi']:+.2f}] {d['verdict']}"
+
+
+def _ms(xs) -> str:
+    xs = [x for x in xs if x is not None]
+    if len(xs) < 2:
+        return _pct(xs[0]) if xs else "-"
+    return f"{100 * statistics.fmean(xs):.2f} ± {100 * statistics.stdev(xs):.2f}"
+
+
+def render(result: dict, out_dir: str) -> list[Path]:
+    """``continual_glue.md`` (rates, the tuned table, the paired comparison, the frontier points,
+    rebuilt models) and ``continual_glue_frontier.png`` / ``continual_glue_curves.png``."""
+    cfg, methods = result["config"], result["methods"]
+    t1, t2 = cfg["task1"].upper(), cfg["task2"].upper()
+    rows = [[name, f"{m['lr_task1']:g}", f"{m['lr_task2']:g}" + (" (edge)" if m["task2_at_edge"] else "")
+             if m["lr_task2"] is not None else "searching", _ms(m["task1_before"]),
+             _ms(x["task2"] for x in m["tuned"]), _ms(x["task1_after"] for x in m["tuned"]),
+             _ms(x["forgetting"] for x in m["tuned"]), _ms(x["retention"] for x in m["tuned"]), len(m["tuned"])]
+            for name, m in methods.items()]
+    comp = [[name, _ci(r["task2"]), _ci(r["task1_after"]), _ci(r["forgetting"]), _ci(r["retention"]),
+             _ci(r["task1_after_at_equal_task2"]) + _outside(r["task1_after_at_equal_task2"]),
+             _ci(r["retention_at_equal_task2"]) + _outside(r["retention_at_equal_task2"])]
+            for name, r in result["comparisons"].items()]
+    points = [[name, f"{p['lr']:g}", len(p["seeds"]), _pct(p["mean_task2"]), _pct(p["mean_task1_after"]),
+               _pct(p["mean_retention"]), p["diverged"] or ""] for name, m in methods.items() for p in m["frontier"]]
+    sections = [f"Task 1 {t1}, then task 2 {t2} from each method's own task-1 model; scores x 100 on the validation "
+                f"sets (task 1 with its own head reloaded), rates chosen on held-out slices of the training sets; "
+                f"STS = the zero-shot STS-B Spearman probe of the backbone. Budget `{cfg['budget']}`.", "",
+                "## At the chosen rates", "",
+                ex.markdown_table(["method", f"{t1} rate", f"{t2} rate", f"{t1} before", t2, f"{t1} after",
+                                   "forgetting", "STS", "seeds"], rows), "",
+                "## Against AdamW, paired by seed", "",
+                "Difference [95 % interval] and the verdict it supports. At equal task-2 score: the method's per-seed "
+                "value minus AdamW's frontier (its per-rate means) at the same task-2 score; seeds outside that "
+                "frontier's range are counted and left out.", "",
+                ex.markdown_table(["method", t2, f"{t1} after", "forgetting", "STS", f"{t1} after at equal {t2}",
+                                   f"STS at equal {t2}"], comp), "",
+                f"## Frontier points (mean over seeds below {cfg['frontier_seeds']})", "",
+                ex.markdown_table(["method", f"{t2} rate", "seeds", t2, f"{t1} after", "STS", "diverged"], points), ""]
+    mismatched = {name: m["init_mismatches"] for name, m in methods.items() if m["init_mismatches"]}
+    if mismatched or result.get("rebuilt_models"):
+        sections += ["## Rebuilt task-1 models", "", "Task-1 models rebuilt because their file was missing: "
+                     f"{json.dumps(result.get('rebuilt_models', []))}. Task-2 runs whose starting model's fingerprint "
+                     f"differs from the task-1 run now on file: {json.dumps(mismatched)}.", ""]
+    figures = [plot_frontier(result, Path(out_dir) / "continual_glue_frontier.png"),
+               plot_watch_curves(result, Path(out_dir), Path(out_dir) / "continual_glue_curves.png")]
+    sections += [f"![{f.stem}]({f.name})" for f in figures if f is not None] + ["", "## Settings", "",
+                                                                                ex.settings_table(cfg)]
+    title = f"Language continual finetuning: {t1} then {t2}"
+    return [*(f for f in figures if f is not None), ex.write_markdown(out_dir, "continual_glue", title, result,
+                                                                      sections)]
+
+
+def _outside(d: dict) -> str:
+    outside = [f"{d[k]} {k.split('_')[1]}" for k in ("seeds_above_front", "seeds_below_front") if d[k]]
+    return f" ({', '.join(outside)})" if outside else ""
+
+
+def plot_frontier(result: dict, path: Path) -> Path:
+    """Task 1 after task 2 (left) and the STS probe (right) against task-2 score, one line per method."""
+    plt = ex.pyplot()
+    cfg = result["config"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+    for name, m in result["methods"].items():
+        pts = [p for p in m["frontier"] if p["mean_task2"] is not None]
+        for ax, key in zip(axes, ("mean_task1_after", "mean_retention")):
+            xy = [(100 * p["mean_task2"], 100 * p[key], p["lr"]) for p in pts if p[key] is not None]
+            if not xy:
+                continue
+            (line,) = ax.plot([x for x, _, _ in xy], [y for _, y, _ in xy], marker="o", label=name)
+            for x, y, lr in xy:
+                ax.annotate(f"{lr:g}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7,
+                            color=line.get_color())
+    axes[0].set(xlabel=f"{cfg['task2']} validation score x100", ylabel=f"{cfg['task1']} validation score after, x100")
+    axes[1].set(xlabel=f"{cfg['task2']} validation score x100", ylabel="zero-shot STS-B Spearman x100")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"One point per task-2 learning rate (mean of the seeds below {cfg['frontier_seeds']})", fontsize=10)
+    fig.tight_layout()
+    return ex.save_figure(fig, path, dpi=120)
+
+
+def plot_watch_curves(result: dict, out: Path, path: Path) -> Path | None:
+    """Task 1's validation score during task 2 (seed 0 at each method's chosen task-2 rate)."""
+    plt = ex.pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    drawn = False
+    for name, m in result["methods"].items():
+        run = _load(out / m["curve_file"]) if m["curve_file"] else None
+        if run is None or not run.get("watch"):
+            continue
+        curve = run["watch"]["curve"]
+        ax.plot([p["step"] for p in curve], [100 * p["score"] for p in curve], marker="o",
+                label=f"{name} (lr {run['config']['lr']:g})")
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    cfg = result["config"]
+    ax.set(xlabel=f"{cfg['task2']} training step", ylabel=f"{cfg['task1']} validation score x100 (own head)",
+           title=f"{cfg['task1']} during {cfg['task2']} (seed 0)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return ex.save_figure(fig, path, dpi=120)
+
+
+def main(config: ContinualGlueConfig, command: str | None = None, execute=None, progress=None,
+         render_only: bool = False) -> dict:
+    """Runs (or resumes) the experiment (or, ``render_only``, only reads what is finished), writes
+    ``continual_glue.json`` to ``config.out`` and renders from it."""
+    body = ({**summarize(config), "failures": [], "rebuilt_models": []} if render_only
+            else run(config, execute, progress))
+    result = {"command": command, "machine": ex.machine_info(), **body}
+    ex.write_result(config.out, "continual_glue", result)
+    render(ex.read_result(config.out, "continual_glue"), config.out)
+    return result

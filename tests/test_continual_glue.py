@@ -1,0 +1,103 @@
+"""Language continual finetuning (``reproduce continual-glue``) in miniature: the stages, the
+reuse of a comparison's runs, resuming, rebuilding a missing task-1 model, the summary."""
+
+import json
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytest.importorskip("transformers")
+
+from nanoadam_lab.cli import main as cli  # noqa: E402
+from nanoadam_lab.experiments.compare import CompareConfig, _write_atomic, run_path  # noqa: E402
+from nanoadam_lab.experiments.continual_glue import ContinualGlueConfig, main  # noqa: E402
+from nanoadam_lab.experiments.glue import run  # noqa: E402
+
+DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "glue")
+if not os.path.isdir(DATA):
+    DATA = "/work/shared/data/glue"
+TINY = dict(train_limit=60, eval_limit=40, max_steps=2, max_length=32, batch_size=8, epochs=1.0, eval_points=1,
+            probe_limit=24)
+
+
+def in_process(calls):
+    def execute(config, path):
+        calls.append(str(path))
+        _write_atomic(path, run(config))
+    return execute
+
+
+def test_continual_glue_miniature(tmp_path):
+    grids = {"adamw": [1e-4, 1e-3], "nanoadam": [1e-3]}
+    out = tmp_path / "cg"
+    config = ContinualGlueConfig(task1="rte", task2="mrpc", methods=["adamw", "nanoadam"], seeds=2,
+                                 frontier_seeds=1, data_dir=DATA, out=str(out), lr_grids=grids, max_extensions=0,
+                                 task2_eval_points=1, overrides=TINY, reuse=str(tmp_path / "glue"))
+    # A comparison's identical task-1 run is copied, not run again.
+    compare = CompareConfig(tasks=["rte"], optimizers=["nanoadam"], data_dir=DATA, out=str(tmp_path / "glue"),
+                            overrides=TINY)
+    shared = compare.run_config("rte", "nanoadam", 1e-3, 0)
+    assert config.task1_config("nanoadam", 1e-3, 0) == shared
+    in_process([])(shared, run_path(tmp_path / "glue", "rte", "nanoadam", 1e-3, 0))
+    calls = []
+    result = main(config, command="test", execute=in_process(calls))
+    assert not result["failures"] and not result["rebuilt_models"]
+    rel = sorted(os.path.relpath(c, out) for c in calls)
+    # adamw: 2 task-1 rates, 2 saved models, task 2 at 2 rates (seed 0) + seed 1 at the chosen one;
+    # nanoadam: its task-1 search copied, 2 saved models, task 2 seed 0 and 1.
+    assert sum(r.startswith("runs/task1/") for r in rel) == 2
+    assert sum(r.startswith("runs/task1-saved/") for r in rel) == 4
+    assert sum(r.startswith("runs/task2/adamw/") for r in rel) == 3
+    assert sum(r.startswith("runs/task2/nanoadam/") for r in rel) == 2
+    m = result["methods"]
+    assert set(m) == {"adamw", "nanoadam"} and m["nanoadam"]["lr_task1"] == 1e-3
+    for name, cell in m.items():
+        assert cell["lr_task2"] in grids[name] and not cell["init_mismatches"]
+        assert [x["seed"] for x in cell["tuned"]] == [0, 1]
+        assert len(cell["frontier"]) == len(grids[name]) and all(p["seeds"] == [0] for p in cell["frontier"])
+        for x in cell["tuned"]:
+            # task 1 before = the saved task-1 run's validation score; forgetting = before - after
+            assert x["forgetting"] == pytest.approx(x["task1_before"] - x["task1_after"])
+            assert x["retention"] is not None
+    # The task-2 run watched task 1 from the model its own method saved at that seed.
+    run2 = json.loads((out / m["nanoadam"]["curve_file"]).read_text())
+    saved = json.loads((out / "runs/task1-saved/nanoadam/lr0.001-seed0.json").read_text())
+    assert run2["init_sha256"] == saved["saved_sha256"]
+    before = m["nanoadam"]["tuned"][0]["task1_before"]
+    assert run2["watch"]["curve"][0]["score"] == saved["validation"]["score"] == before
+    assert run2["config"]["watch_train_limit"] == 60 and run2["config"]["eval_points"] == 1
+    comp = result["comparisons"]["nanoadam"]
+    assert comp["task2"]["n"] == 2 and comp["task2"]["lo"] <= comp["task2"]["mean"] <= comp["task2"]["hi"]
+    assert "task1_after_at_equal_task2" in comp and "retention_at_equal_task2" in comp
+    md = (out / "continual_glue.md").read_text()
+    assert "Against AdamW, paired by seed" in md and "| nanoadam |" in md
+    assert (out / "continual_glue_frontier.png").exists() and (out / "continual_glue_curves.png").exists()
+
+    # Resuming runs nothing; a missing task-1 model is rebuilt (bit for bit) only when a task-2 run needs it.
+    again = []
+    main(config, execute=in_process(again))
+    assert again == []
+    (out / "checkpoints/adamw").joinpath(f"lr{m['adamw']['lr_task1']:g}-seed1.pt").unlink()
+    (out / "runs/task2/adamw").joinpath(f"lr{m['adamw']['lr_task2']:g}-seed1.json").unlink()
+    (out / "checkpoints/nanoadam/lr0.001-seed1.pt").unlink()  # every task-2 run of it is on file: not rebuilt
+    result = main(config, execute=in_process(again))
+    assert [os.path.relpath(c, out).split("/")[1] for c in again] == ["task1-saved", "task2"]
+    (rebuilt,) = result["rebuilt_models"]
+    assert rebuilt["old_sha256"] == rebuilt["new_sha256"]
+    assert not any(cell["init_mismatches"] for cell in result["methods"].values())
+
+
+def test_continual_glue_checks_its_settings(tmp_path, capsys):
+    with pytest.raises(ValueError, match="different label counts"):
+        ContinualGlueConfig(task1="sst2", task2="stsb")
+    with pytest.raises(ValueError, match="must differ"):
+        ContinualGlueConfig(task1="cola", task2="cola")
+    with pytest.raises(ValueError, match="frontier_seeds"):
+        ContinualGlueConfig(seeds=2, frontier_seeds=3)
+    with pytest.raises(ValueError, match="reference"):
+        ContinualGlueConfig(methods=["nanoadam"])
+    assert cli(["reproduce", "continual-glue", "--task2", "stsb", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "label counts" in err and len(err.strip().splitlines()) == 1
+    assert cli(["reproduce", "continual-glue", "--peft", "lora", "--out", str(tmp_path)]) == 2
