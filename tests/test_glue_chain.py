@@ -10,7 +10,7 @@ pytest.importorskip("transformers")
 
 import torch  # noqa: E402
 
-from nanoadam_lab.experiments.glue import GlueRunConfig, load_body, run  # noqa: E402
+from nanoadam_lab.experiments.glue import GlueRunConfig, load_body, load_model_and_tokenizer, run  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "glue")
 if not os.path.isdir(DATA):
@@ -51,3 +51,13 @@ def test_chained_runs_check_their_settings(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="does not fit"):
         load_body(model, {"1.weight": torch.zeros(2, 2)})
+
+
+def test_a_checkpoint_without_a_head_cannot_be_watched(tmp_path):
+    model, _ = load_model_and_tokenizer("minilm", 2)
+    body = {k: v for k, v in model.state_dict().items() if not k.startswith("classifier.")}
+    torch.save(body, tmp_path / "body.pt")
+    config = GlueRunConfig(task="mrpc", optimizer="adamw", lr=1e-3, init_from=str(tmp_path / "body.pt"),
+                           watch_task="rte", **TINY)
+    with pytest.raises(ValueError, match="no head to watch 'rte' with"):
+        run(config)

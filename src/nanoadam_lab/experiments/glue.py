@@ -367,8 +367,12 @@ class WatchedTask:
         # Split as the watched task's own run split it: its train_limit, this run's held-out fraction.
         own = replace(config, task=config.watch_task, train_limit=config.watch_train_limit, dataset=None,
                       watch_task=None, init_from=None, save_to=None)
+        heads = head_keys(model)
+        if missing := sorted(heads - set(start)):
+            raise ValueError(f"init_from holds no head to watch {config.watch_task!r} with "
+                             f"(missing {', '.join(missing)})")
         train, splits = split_data(own, load_task(own.spec, config.data_dir), tokenizer)
-        return cls(own.spec, splits, {k: start[k].clone() for k in head_keys(model)}, train.labels)
+        return cls(own.spec, splits, {k: start[k].clone() for k in heads}, train.labels)
 
     def _with_head(self, model: torch.nn.Module, score):
         current = {k: v.detach().clone() for k, v in model.state_dict().items() if k in self.head}
