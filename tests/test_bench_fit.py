@@ -50,7 +50,7 @@ def test_search_brackets_the_largest_size(monkeypatch):
         calls = []
 
         def fake(variant, hidden, config):
-            calls.append(hidden)
+            calls.append(hidden)  # noqa: B023 (called within the iteration)
             if hidden == 0:
                 return {"before_model_bytes": 10**8, "fits": True}
             return {"variant": variant, "hidden": hidden, "params": 1, "fits": hidden <= 640, "outcome": "x"}

@@ -187,7 +187,8 @@ def test_ablation_miniature(tmp_path):
     assert set(cells) == set(config.only)
     assert len(calls) == 4 * 2 - 1  # every variant's two seeds, but the copied one
     assert set(config.variants()) == set(config.only)
-    assert {"random_weights", "large_weights", "large_gradients", "interval_5", "density_0.3"} <= set(variants([5], [0.3]))
+    every = set(variants([5], [0.3]))
+    assert {"random_weights", "large_weights", "large_gradients", "interval_5", "density_0.3"} <= every
     assert cells["static_mask"]["optimizer"] == "nanoadam-static"
     run = json.loads((tmp_path / "abl" / "runs" / "large_gradients_at_small_weights_rate" / "lr0.001-seed1.json")
                      .read_text())

@@ -3,6 +3,8 @@ reuse of a comparison's runs, resuming, rebuilding a missing task-1 model, the s
 
 import json
 import os
+from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 
@@ -48,8 +50,8 @@ def test_continual_glue_miniature(tmp_path):
     # nanoadam: its task-1 search copied, 2 saved models, task 2 seed 0 and 1.
     assert sum(r.startswith("runs/task1/") for r in rel) == 2
     assert sum(r.startswith("runs/task1-saved/") for r in rel) == 4
-    assert sum(r.startswith("runs/task2/adamw/") for r in rel) == 3
-    assert sum(r.startswith("runs/task2/nanoadam/") for r in rel) == 2
+    assert sum(r.startswith(f"runs/task2/adamw/from-lr{result['methods']['adamw']['lr_task1']:g}/") for r in rel) == 3
+    assert sum(r.startswith("runs/task2/nanoadam/from-lr0.001/") for r in rel) == 2
     m = result["methods"]
     assert set(m) == {"adamw", "nanoadam"} and m["nanoadam"]["lr_task1"] == 1e-3
     for name, cell in m.items():
@@ -72,6 +74,8 @@ def test_continual_glue_miniature(tmp_path):
     assert "task1_after_at_equal_task2" in comp and "retention_at_equal_task2" in comp
     md = (out / "continual_glue.md").read_text()
     assert "Against AdamW, paired by seed" in md and "| nanoadam |" in md
+    assert "MRPC (task 2) gate: undecided (the head-only control" in md  # no head-only among these methods
+    assert "RTE (task 1) gate: undecided" in md
     assert (out / "continual_glue_frontier.png").exists() and (out / "continual_glue_curves.png").exists()
 
     # Resuming runs nothing; a missing task-1 model is rebuilt (bit for bit) only when a task-2 run needs it.
@@ -79,7 +83,8 @@ def test_continual_glue_miniature(tmp_path):
     main(config, execute=in_process(again))
     assert again == []
     (out / "checkpoints/adamw").joinpath(f"lr{m['adamw']['lr_task1']:g}-seed1.pt").unlink()
-    (out / "runs/task2/adamw").joinpath(f"lr{m['adamw']['lr_task2']:g}-seed1.json").unlink()
+    adamw2 = out / "runs/task2/adamw" / f"from-lr{m['adamw']['lr_task1']:g}"
+    (adamw2 / f"lr{m['adamw']['lr_task2']:g}-seed1.json").unlink()
     (out / "checkpoints/nanoadam/lr0.001-seed1.pt").unlink()  # every task-2 run of it is on file: not rebuilt
     result = main(config, execute=in_process(again))
     assert [os.path.relpath(c, out).split("/")[1] for c in again] == ["task1-saved", "task2"]
@@ -95,9 +100,72 @@ def test_continual_glue_checks_its_settings(tmp_path, capsys):
         ContinualGlueConfig(task1="cola", task2="cola")
     with pytest.raises(ValueError, match="frontier_seeds"):
         ContinualGlueConfig(seeds=2, frontier_seeds=3)
+    with pytest.raises(ValueError, match="adamw-headlr take a rate"):
+        ContinualGlueConfig(methods=["adamw", "adamw-headlr"])
     with pytest.raises(ValueError, match="reference"):
         ContinualGlueConfig(methods=["nanoadam"])
     assert cli(["reproduce", "continual-glue", "--task2", "stsb", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "label counts" in err and len(err.strip().splitlines()) == 1
     assert cli(["reproduce", "continual-glue", "--peft", "lora", "--out", str(tmp_path)]) == 2
+
+
+def _fake_runs(calls, saved_sha=lambda config: "sha-" + config.save_to, diverge=lambda config: False):
+    """Run files with what the summary reads; a saved model is a file holding its fingerprint."""
+    def fake(config, path):
+        calls.append(path)
+        diverged = diverge(config)
+        score = 0.5 + config.lr
+        sha = None
+        if config.save_to and not diverged:
+            sha = saved_sha(config)
+            Path(config.save_to).parent.mkdir(parents=True, exist_ok=True)
+            Path(config.save_to).write_text(sha)
+        split = {"score": score, "loss": 1.0, "predictions": [1, 0], "labels": [1, 0], "trivial_prediction": 0}
+        watch = None
+        if config.watch_task:
+            watch = {"validation": {"score": 0.6}, "curve": [{"step": 0, "score": 0.7}]}
+        _write_atomic(path, {"config": asdict(config), "score": score, "metrics": {"score": score, "loss": 1.0,
+                                                                                    "diverged": diverged},
+                             "validation": split, "heldout": split, "retention": 0.8, "watch": watch,
+                             "saved_sha256": sha,
+                             "init_sha256": Path(config.init_from).read_text() if config.init_from else None})
+    return fake
+
+
+def test_continual_glue_diverged_and_rebuilt_task1_models(tmp_path):
+    out = tmp_path / "cg"
+    config = ContinualGlueConfig(task1="rte", task2="mrpc", methods=["adamw"], seeds=3, frontier_seeds=1,
+                                 out=str(out), lr_grids={"adamw": [1e-4, 1e-3]}, max_extensions=0,
+                                 overrides={"retention_probe": False})
+    calls = []
+    # Seed 1's task-1 run diverges: it saves no model, its task-2 runs are skipped, and it runs once.
+    fake = _fake_runs(calls, diverge=lambda c: bool(c.save_to) and c.seed == 1)
+    result = main(config, execute=fake)
+    names = [str(p.relative_to(out / "runs")) for p in calls]
+    assert names.count("task1-saved/adamw/lr0.001-seed1.json") == 1
+    assert not any("seed1" in n for n in names if n.startswith("task2/"))
+    tuned = result["methods"]["adamw"]["tuned"]
+    assert [x["seed"] for x in tuned] == [0, 2]
+    assert tuned[0]["forgetting"] == pytest.approx(0.7 - 0.6)
+    calls.clear()
+    main(config, execute=fake)
+    assert calls == []  # a diverged model is not rebuilt on every resume
+
+    # A fresh machine: the models are gone. Only a task-2 run still to do rebuilds its model; one
+    # rebuilt with another fingerprint flags the earlier task-2 runs of that seed.
+    for checkpoint in (out / "checkpoints").rglob("*.pt"):
+        checkpoint.unlink()
+    (out / "runs/task2/adamw/from-lr0.001/lr0.001-seed2.json").unlink()
+    result = main(config, execute=_fake_runs(calls, saved_sha=lambda c: "rebuilt"))
+    assert [str(p.relative_to(out / "runs")) for p in calls] == ["task1-saved/adamw/lr0.001-seed2.json",
+                                                                  "task2/adamw/from-lr0.001/lr0.001-seed2.json"]
+    (rebuilt,) = result["rebuilt_models"]
+    assert rebuilt["old_sha256"] != rebuilt["new_sha256"] == "rebuilt"
+    assert result["methods"]["adamw"]["init_mismatches"] == []  # the rerun task-2 run started from the new one
+    (out / "runs/task2/adamw/from-lr0.001/lr0.001-seed0.json").write_text(
+        (out / "runs/task2/adamw/from-lr0.001/lr0.001-seed0.json").read_text().replace('"init_sha256": "sha-',
+                                                                                       '"init_sha256": "other-'))
+    result = main(config, execute=_fake_runs(calls), render_only=True)
+    assert result["methods"]["adamw"]["init_mismatches"] == ["lr0.001-seed0"]
+    assert "Rebuilt task-1 models" in (out / "continual_glue.md").read_text()

@@ -26,7 +26,7 @@ def test_result_structure(result):
     assert set(result["tasks"]) == {"1", "2"}
     for task in result["tasks"].values():
         assert set(task["updates"]) == {"gd", "adam"}
-        for update, u in task["updates"].items():
+        for u in task["updates"].values():
             assert set(u["methods"]) == set(toy.STRATEGIES)
             for m in u["methods"].values():
                 assert m["lr"] in [float(r) for r in m["rates"]]  # the chosen rate was tried

@@ -41,9 +41,22 @@ from typing import Any
 from .. import experiment as ex
 from ..analysis.frontier import retention_at_equal_score
 from ..analysis.stats import judged_difference
-from .compare import BUDGETS, LR_GRIDS, CompareConfig, RunLedger, _load, best_lr, next_rate, reuse_run, usable
+from .compare import (
+    BUDGETS,
+    LR_GRIDS,
+    RATE_TIES,
+    CompareConfig,
+    RunLedger,
+    _load,
+    best_lr,
+    gate,
+    next_rate,
+    reuse_run,
+    usable,
+)
 from .glue import GlueRunConfig
 from .glue_data import TASKS
+from .report import gate_line
 
 METHODS = ["adamw", "nanoadam", "lift", "head-only"]
 REFERENCE = "adamw"
@@ -84,6 +97,9 @@ class ContinualGlueConfig:
         missing = [m for m in self.methods if m not in self.lr_grids]
         if missing:
             raise ValueError(f"no learning-rate grid for {', '.join(missing)}")
+        tied = [m for m in self.methods if m in RATE_TIES]
+        if tied:
+            raise ValueError(f"{', '.join(tied)} take a rate from another optimizer's GLUE choice; not supported here")
         if self.seeds < 2 or not 1 <= self.frontier_seeds <= self.seeds:
             raise ValueError("seeds must be >= 2 (paired intervals) and 1 <= frontier_seeds <= seeds")
 
@@ -115,6 +131,11 @@ def _path(out: Path, stage: str, method: str, lr: float, seed: int) -> Path:
     return out / "runs" / stage / method / f"lr{lr:g}-seed{seed}.json"
 
 
+def _task2_dir(out: Path, method: str, lr1: float) -> Path:
+    """Task-2 runs of the models saved at task-1 rate ``lr1`` (another task-1 rate: other runs)."""
+    return out / "runs" / "task2" / method / f"from-lr{lr1:g}"
+
+
 def _search(ensure, grid: list[float], max_extensions: int) -> tuple[dict[float, dict], float | None]:
     """Seed 0 over ``grid`` (extended at an edge), as ``compare`` searches; (tried, chosen rate or None)."""
     tried: dict[float, dict] = {}
@@ -133,6 +154,7 @@ def run(config: ContinualGlueConfig, execute=None, progress=None) -> dict:
                   for m in config.methods)
     ledger = RunLedger(planned, execute, progress)
     rebuilt: list[dict] = []
+    saved_runs: dict[tuple[str, int], dict | None] = {}  # each task-1 model is ensured once per invocation
 
     def task1(method: str, lr: float) -> dict | None:
         run_config, path = config.task1_config(method, lr, 0), _path(out, "task1", method, lr, 0)
@@ -140,19 +162,29 @@ def run(config: ContinualGlueConfig, execute=None, progress=None) -> dict:
         return ledger.ensure(run_config, path)
 
     def task1_model(method: str, lr1: float, seed: int) -> dict | None:
-        """The saved task-1 run of ``seed``; its model is rebuilt when the file is missing."""
+        """The saved task-1 run of ``seed``; its model is rebuilt when its run file is on disk but the
+        model is not (a fresh machine: models are not committed). A diverged run saved none."""
+        if (method, seed) in saved_runs:
+            return saved_runs[(method, seed)]
         run_config, path = config.saved_config(method, lr1, seed), _path(out, "task1-saved", method, lr1, seed)
-        if path.exists() and not Path(run_config.save_to).exists():
-            old = _load(path)
-            path.unlink()
+        old = _load(path)
+        if old is not None and old.get("saved_sha256") and not Path(run_config.save_to).exists():
+            aside = path.with_name(path.name + ".old")
+            path.replace(aside)  # put back if the rebuild fails, so the record is never lost
             new = ledger.ensure(run_config, path)
-            rebuilt.append({"run": str(path.relative_to(out)), "old_sha256": old.get("saved_sha256"),
+            if new is None:
+                aside.replace(path)
+            else:
+                aside.unlink()
+            rebuilt.append({"run": str(path.relative_to(out)), "old_sha256": old["saved_sha256"],
                             "new_sha256": new.get("saved_sha256") if new else None})
-            return new
-        return ledger.ensure(run_config, path)
+            saved_runs[(method, seed)] = new
+        else:
+            saved_runs[(method, seed)] = ledger.ensure(run_config, path)
+        return saved_runs[(method, seed)]
 
     def task2(method: str, lr1: float, lr: float, seed: int) -> dict | None:
-        path = _path(out, "task2", method, lr, seed)
+        path = _task2_dir(out, method, lr1) / f"lr{lr:g}-seed{seed}.json"
         if not path.exists():
             saved = task1_model(method, lr1, seed)
             if saved is None or not saved.get("saved_sha256"):
@@ -172,8 +204,10 @@ def run(config: ContinualGlueConfig, execute=None, progress=None) -> dict:
     return {**summarize(config), "failures": ledger.failures, "rebuilt_models": rebuilt}
 
 
-def _runs(out: Path, stage: str, method: str) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((out / "runs" / stage / method).glob("*.json"))]
+def _runs(folder: Path, seeds: int) -> list[dict]:
+    """The run files in ``folder`` of seeds below ``seeds``."""
+    runs = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    return [r for r in runs if r["config"]["seed"] < seeds]
 
 
 def _mean(xs) -> float | None:
@@ -181,9 +215,12 @@ def _mean(xs) -> float | None:
     return statistics.fmean(xs) if xs else None
 
 
-def _task2_record(run: dict, before: dict | None) -> dict:
-    after = run["watch"]["validation"]["score"] if run.get("watch") else None
-    task1_before = before["validation"]["score"] if before else None
+def _task2_record(run: dict) -> dict:
+    # Task 1 before and after, both scored in this run: before = the model it started from (so that
+    # forgetting compares one model with itself, even if the saved run on file was rebuilt since).
+    watch = run.get("watch") or {}
+    after = watch["validation"]["score"] if watch else None
+    task1_before = watch["curve"][0]["score"] if watch else None
     return {"seed": run["config"]["seed"], "task2": run["validation"]["score"], "task2_heldout": run["score"],
             "task1_before": task1_before, "task1_after": after,
             "forgetting": task1_before - after if task1_before is not None and after is not None else None,
@@ -194,21 +231,24 @@ def summarize(config: ContinualGlueConfig) -> dict:
     """Reads the run files under ``config.out`` into per-method frontiers and the paired comparison."""
     out = Path(config.out)
     methods: dict[str, dict] = {}
+    saved_finals: dict[str, dict] = {}  # for the gates: the saved task-1 runs, and the task-2 runs at
+    finals: dict[str, dict] = {}        # the chosen task-2 rate
     for method in config.methods:
-        tuning1 = {r["config"]["lr"]: r for r in _runs(out, "task1", method) if r["config"]["seed"] == 0}
+        tuning1 = {r["config"]["lr"]: r for r in _runs(out / "runs" / "task1" / method, 1)}
         if not tuning1 or next_rate(tuning1, config.lr_grids[method], config.max_extensions) is not None:
             continue  # the task-1 search has not settled yet
         found = {lr: r for lr, r in tuning1.items() if usable(r)}
         if not found:
             continue
         lr1 = best_lr(found)
-        saved = {r["config"]["seed"]: r for r in _runs(out, "task1-saved", method) if r["config"]["lr"] == lr1}
-        # Only runs that continue this task-1 rate's models (an earlier choice's runs are left out).
-        runs2 = [r for r in _runs(out, "task2", method)
-                 if r["config"]["init_from"] == config.checkpoint(method, lr1, r["config"]["seed"])]
+        saved = {r["config"]["seed"]: r for r in _runs(out / "runs" / "task1-saved" / method, config.seeds)
+                 if r["config"]["lr"] == lr1}
+        saved_finals[method] = {"_finals": [saved[s] for s in sorted(saved)]}
+        # Only runs that continue this task-1 rate's models (an earlier choice's runs are in another folder).
+        runs2 = _runs(_task2_dir(out, method, lr1), config.seeds)
         by_rate: dict[float, list[dict]] = {}
         for r in runs2:
-            by_rate.setdefault(r["config"]["lr"], []).append(_task2_record(r, saved.get(r["config"]["seed"])))
+            by_rate.setdefault(r["config"]["lr"], []).append(_task2_record(r))
         tuning2 = {r["config"]["lr"]: r for r in runs2 if r["config"]["seed"] == 0}
         settled = bool(tuning2) and next_rate(tuning2, config.lr_grids[method], config.max_extensions) is None
         usable2 = {lr: r for lr, r in tuning2.items() if usable(r)}
@@ -221,19 +261,26 @@ def summarize(config: ContinualGlueConfig) -> dict:
                                 for k in ("task2", "task1_after", "retention", "forgetting")},
                              "diverged": sum(x["diverged"] for x in records)})
         tuned = sorted(by_rate.get(lr2, []), key=lambda x: x["seed"]) if lr2 is not None else []
+        finals[method] = {"_finals": sorted((r for r in runs2 if r["config"]["lr"] == lr2),
+                                            key=lambda r: r["config"]["seed"])}
         methods[method] = {
             "lr_task1": lr1, "task1_grid": [{"lr": lr, "heldout": r["score"], "validation": r["validation"]["score"]}
                                             for lr, r in sorted(tuning1.items())],
             "task1_before": [saved[s]["validation"]["score"] for s in sorted(saved)],
-            "lr_task2": lr2, "task2_settled": settled,
+            "lr_task2": lr2, "task2_settled": settled, "task2_tried": sorted(tuning2),
             "task2_at_edge": lr2 is not None and lr2 in (min(tuning2), max(tuning2)),
             "frontier": frontier, "tuned": tuned,
             # task-2 runs that started from another model than the saved task-1 run on file (a rebuilt one)
             "init_mismatches": [f"lr{r['config']['lr']:g}-seed{r['config']['seed']}" for r in runs2
                                 if r.get("init_sha256") != saved.get(r["config"]["seed"], {}).get("saved_sha256")],
-            "curve_file": f"runs/task2/{method}/lr{lr2:g}-seed0.json" if lr2 is not None else None,
+            "curve_file": (str((_task2_dir(out, method, lr1) / f"lr{lr2:g}-seed0.json").relative_to(out))
+                           if lr2 is not None else None),
         }
-    return {"config": asdict(config), "methods": methods, "comparisons": compare_methods(methods)}
+    # Both tasks must learn (DESIGN.md section 5): AdamW against the trivial predictor and the
+    # head-only control on each task's held-out slice, as the GLUE comparison's gate.
+    gates = {"task1": gate(config.task1, saved_finals, config.seeds), "task2": gate(config.task2, finals, config.seeds)}
+    return {"config": asdict(config), "gates": gates, "methods": methods,
+            "comparisons": compare_methods(methods)}
 
 
 def _paired(cell: list[dict], reference: list[dict], key: str) -> dict:
@@ -303,6 +350,8 @@ def render(result: dict, out_dir: str) -> list[Path]:
     sections = [f"Task 1 {t1}, then task 2 {t2} from each method's own task-1 model; scores x 100 on the validation "
                 f"sets (task 1 with its own head reloaded), rates chosen on held-out slices of the training sets; "
                 f"STS = the zero-shot STS-B Spearman probe of the backbone. Budget `{cfg['budget']}`.", "",
+                f"{t1} (task 1) {gate_line(cfg['task1'], result['gates']['task1'])}.  ",
+                f"{t2} (task 2) {gate_line(cfg['task2'], result['gates']['task2'])}.", "",
                 "## At the chosen rates", "",
                 ex.markdown_table(["method", f"{t1} rate", f"{t2} rate", f"{t1} before", t2, f"{t1} after",
                                    "forgetting", "STS", "seeds"], rows), "",

@@ -31,7 +31,7 @@ def _equal_score(d: dict | None) -> str:
     return _interval(d) + (f" ({', '.join(outside)} AdamW's front)" if outside else "")
 
 
-def _gate_line(task: str, gate: dict) -> str:
+def gate_line(task: str, gate: dict) -> str:
     if gate.get("passed") is None:
         return f"gate: undecided ({gate.get('reason')})"
     parts = [f"{name.replace('vs_', 'vs. ').replace('_', '-')} {100 * gate[name]['difference']:+.2f} "
@@ -52,7 +52,7 @@ def glue_table(summary: dict) -> str:
         cells = entry["cells"]
         metric = METRIC_NAMES[TASKS[task].metric]
         probe = "" if task != "stsb" else " (STS-B is the task here: the probe is not held out)"
-        lines += [f"### {task.upper()} ({metric})", "", _gate_line(task, entry["gate"]) + probe, "",
+        lines += [f"### {task.upper()} ({metric})", "", gate_line(task, entry["gate"]) + probe, "",
                   "| optimizer | lr | score | vs. AdamW [95 % CI] | retention | vs. AdamW [95 % CI] | "
                   "vs. AdamW at equal score [95 % CI] | seeds | untouched | L2 shift | step (s) |", "|" + "---|" * 11]
         for opt in config["optimizers"]:
