@@ -13,6 +13,7 @@ import json
 import math
 import os
 import platform
+import statistics
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, is_dataclass
 from datetime import datetime, timezone
@@ -134,6 +135,30 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
     pyplot().close(fig)
     os.replace(tmp, path)
     return path
+
+
+def percent(x: float | None, digits: int = 2) -> str:
+    """A fraction as a percentage with ``digits`` decimals; "-" for None or NaN."""
+    return "-" if x is None or x != x else f"{100 * x:.{digits}f}"
+
+
+def percent_mean_std(values: Iterable[float | None], digits: int = 2) -> str:
+    """``mean ± std`` of fractions as percentages (None left out; one value alone; "-" for none)."""
+    xs = [x for x in values if x is not None]
+    if len(xs) < 2:
+        return percent(xs[0], digits) if xs else "-"
+    return f"{100 * statistics.fmean(xs):.{digits}f} ± {100 * statistics.stdev(xs):.{digits}f}"
+
+
+def percent_interval(d: dict | None, digits: int = 2, with_verdict: bool = True) -> str:
+    """A judged difference (``analysis.stats.judged_difference``) as percentage points:
+    ``mean [lo, hi] verdict``; below two seeds the mean and n; "-" for none."""
+    if not d or d.get("mean") is None or d["mean"] != d["mean"]:
+        return "-"
+    if d["n"] < 2 or d.get("lo") is None or d["lo"] != d["lo"]:
+        return f"{100 * d['mean']:+.{digits}f} (n = {d['n']})"
+    text = f"{100 * d['mean']:+.{digits}f} [{100 * d['lo']:+.{digits}f}, {100 * d['hi']:+.{digits}f}]"
+    return f"{text} {d['verdict']}" if with_verdict and "verdict" in d else text
 
 
 def mean_std(stats: dict, digits: str = ".3g") -> str:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import experiment as ex
+from ..experiment import percent_interval
 from .compare import (
     BUDGET_OPTIMIZER_OVERRIDES,
     LR_GRIDS,
@@ -161,12 +162,6 @@ def run(config: AblationConfig, execute=None, progress=None) -> dict:
     return {"config": asdict(config), "cells": cells, **extra, "failures": ledger.failures}
 
 
-def _interval(d: dict | None) -> str:
-    if not d or d.get("lo") is None or d["lo"] != d["lo"]:
-        return "-"
-    return f"{100 * d['mean']:+.2f} [{100 * d['lo']:+.2f}, {100 * d['hi']:+.2f}] {d['verdict']}"
-
-
 def render(result: dict, out_dir: str) -> list[Path]:
     """``ablation.md`` (a table per study with paired intervals against small weights, the rate
     searches, the settings) and ``ablation_curves.png``, from the result and its run files."""
@@ -180,7 +175,7 @@ def render(result: dict, out_dir: str) -> list[Path]:
         flag = f" ({x['diverged']} diverged)" if x["diverged"] else ""
         return [label, f"{x['lr']:g}" + (" (own)" if x["rate_from"] == "own" else " (small weights')"),
                 f"{100 * x['mean']:.2f} ± {100 * x['std']:.2f}{flag} (n={len(x['scores'])})",
-                _interval(vs.get("score")), _interval(vs.get("retention")),
+                percent_interval(vs.get("score")), percent_interval(vs.get("retention")),
                 f"{100 * x['untouched_fraction']:.1f} %", f"{x['l2_shift']:.3f}"]
 
     head = ["variant", "rate", "validation score (x100)", "minus small weights [95 % CI]",
@@ -201,8 +196,8 @@ def render(result: dict, out_dir: str) -> list[Path]:
     sections = ["Verdicts: `higher`/`lower` only where the 95 % interval of the paired per-seed differences "
                 "excludes zero.", ""]
     if "random_minus_large" in result:
-        sections += [f"Random minus large weights, paired by seed: {_interval(result['random_minus_large']['score'])}.",
-                     ""]
+        difference = percent_interval(result["random_minus_large"]["score"])
+        sections += [f"Random minus large weights, paired by seed: {difference}.", ""]
     for title, rows in studies:
         sections += [f"## {title}", "", ex.markdown_table(head, rows), ""]
     searches = [[name, ", ".join(f"{g['lr']:g}: {100 * g['heldout']:.2f} (loss {g['heldout_loss']:.3f})"

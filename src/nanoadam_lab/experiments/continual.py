@@ -49,6 +49,7 @@ from torch import nn
 from .. import experiment as ex
 from .._io import atomic_write_json
 from ..baselines import build_optimizer
+from ..experiment import percent, percent_interval, percent_mean_std
 from .recipe import Recipe, rate_beyond_edge, shuffled_batches
 
 # label -> (registry name, overrides). Densities 1 % and 0.1 % as the paper's vision runs;
@@ -407,23 +408,6 @@ def compare(methods: dict, kinds: list[str]) -> list[dict]:
 
 # -- rendering ---------------------------------------------------------------------------------
 
-def _pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.1f}"
-
-
-def _ci(d: dict) -> str:
-    if d.get("lo") is None or d.get("hi") is None or d["n"] < 2:
-        return f"{_pct(d.get('mean'))} (n = {d['n']})"
-    return f"{100 * d['mean']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"
-
-
-def _ms(xs) -> str:
-    xs = [x for x in xs if x is not None]
-    if len(xs) < 2:
-        return _pct(xs[0]) if xs else "-"
-    return f"{100 * statistics.fmean(xs):.1f} ± {100 * statistics.stdev(xs):.1f}"
-
-
 def render(result: dict, out_dir: str) -> list[Path]:
     cfg = result["config"]
     sections = [f"{result['parameters'] / 1e6:.2f} M-parameter CNN, {len(result['seeds'])} seeds, {cfg['epochs']:g} "
@@ -438,13 +422,14 @@ def render(result: dict, out_dir: str) -> list[Path]:
             c = k["grid"][f"{k['tuned_lr']:g}"]
             rows.append([method, f"{m['lr_task1']:g}" + (" (edge)" if m.get("lr_task1_at_edge") else ""),
                          f"{k['tuned_lr']:g}" + (" (edge)" if k["tuned_at_edge"] else ""),
-                         _ms(c["task1_before"]), _ms(c["task2"]), _ms(c["task1_after"]), _ms(c["forgetting"])])
-        comp = [[r["method"], _ci(r["task2"]), r["task2"]["verdict"], _ci(r["task1_after"]), r["task1_after"]["verdict"],
-                 _ci(r["retention_at_equal_task2"]), r["retention_at_equal_task2"]["verdict"],
+                         *(percent_mean_std(c[key], 1)
+                           for key in ("task1_before", "task2", "task1_after", "forgetting"))])
+        comp = [[r["method"], *(x for key in ("task2", "task1_after", "retention_at_equal_task2")
+                                for x in (percent_interval(r[key], 1, with_verdict=False), r[key]["verdict"])),
                  f"{r['retention_at_equal_task2']['seeds_above_front']} / "
                  f"{r['retention_at_equal_task2']['seeds_below_front']}"]
                 for r in result["comparisons"] if r["kind"] == kind]
-        grid_rows = [[method, ", ".join(f"{lr}: {_pct(g['mean_task2'])} / {_pct(g['mean_task1_after'])}"
+        grid_rows = [[method, ", ".join(f"{lr}: {percent(g['mean_task2'], 1)} / {percent(g['mean_task1_after'], 1)}"
                                         + (f" ({g['diverged']} diverged)" if g["diverged"] else "")
                                         for lr, g in m["task2"][kind]["grid"].items())]
                      for method, m in result["methods"].items()]

@@ -41,6 +41,7 @@ from typing import Any
 from .. import experiment as ex
 from ..analysis.frontier import retention_at_equal_score
 from ..analysis.stats import judged_difference
+from ..experiment import percent, percent_interval, percent_mean_std
 from .compare import (
     BUDGETS,
     LR_GRIDS,
@@ -314,39 +315,23 @@ def compare_methods(methods: dict[str, dict]) -> dict[str, dict]:
 
 # -- rendering ---------------------------------------------------------------------------------
 
-def _pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.2f}"
-
-
-def _ci(d: dict | None) -> str:
-    if not d or d["n"] < 2:
-        return "-" if not d else f"{_pct(d['mean'])} (n = {d['n']})"
-    return f"{100 * d['mean']:+.2f} [{100 * d['lo']:+.2f}, {100 * d['hi']:+.2f}] {d['verdict']}"
-
-
-def _ms(xs) -> str:
-    xs = [x for x in xs if x is not None]
-    if len(xs) < 2:
-        return _pct(xs[0]) if xs else "-"
-    return f"{100 * statistics.fmean(xs):.2f} ± {100 * statistics.stdev(xs):.2f}"
-
-
 def render(result: dict, out_dir: str) -> list[Path]:
     """``continual_glue.md`` (rates, the tuned table, the paired comparison, the frontier points,
     rebuilt models) and ``continual_glue_frontier.png`` / ``continual_glue_curves.png``."""
     cfg, methods = result["config"], result["methods"]
     t1, t2 = cfg["task1"].upper(), cfg["task2"].upper()
     rows = [[name, f"{m['lr_task1']:g}", f"{m['lr_task2']:g}" + (" (edge)" if m["task2_at_edge"] else "")
-             if m["lr_task2"] is not None else "searching", _ms(m["task1_before"]),
-             _ms(x["task2"] for x in m["tuned"]), _ms(x["task1_after"] for x in m["tuned"]),
-             _ms(x["forgetting"] for x in m["tuned"]), _ms(x["retention"] for x in m["tuned"]), len(m["tuned"])]
+             if m["lr_task2"] is not None else "searching", percent_mean_std(m["task1_before"]),
+             *(percent_mean_std(x[key] for x in m["tuned"])
+               for key in ("task2", "task1_after", "forgetting", "retention")),
+             len(m["tuned"])]
             for name, m in methods.items()]
-    comp = [[name, _ci(r["task2"]), _ci(r["task1_after"]), _ci(r["forgetting"]), _ci(r["retention"]),
-             _ci(r["task1_after_at_equal_task2"]) + _outside(r["task1_after_at_equal_task2"]),
-             _ci(r["retention_at_equal_task2"]) + _outside(r["retention_at_equal_task2"])]
+    comp = [[name, *(percent_interval(r[key]) for key in ("task2", "task1_after", "forgetting", "retention")),
+             percent_interval(r["task1_after_at_equal_task2"]) + _outside(r["task1_after_at_equal_task2"]),
+             percent_interval(r["retention_at_equal_task2"]) + _outside(r["retention_at_equal_task2"])]
             for name, r in result["comparisons"].items()]
-    points = [[name, f"{p['lr']:g}", len(p["seeds"]), _pct(p["mean_task2"]), _pct(p["mean_task1_after"]),
-               _pct(p["mean_retention"]), p["diverged"] or ""] for name, m in methods.items() for p in m["frontier"]]
+    points = [[name, f"{p['lr']:g}", len(p["seeds"]), percent(p["mean_task2"]), percent(p["mean_task1_after"]),
+               percent(p["mean_retention"]), p["diverged"] or ""] for name, m in methods.items() for p in m["frontier"]]
     sections = [f"Task 1 {t1}, then task 2 {t2} from each method's own task-1 model; scores x 100 on the validation "
                 f"sets (task 1 with its own head reloaded), rates chosen on held-out slices of the training sets; "
                 f"STS = the zero-shot STS-B Spearman probe of the backbone. Budget `{cfg['budget']}`.", "",

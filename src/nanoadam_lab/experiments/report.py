@@ -7,28 +7,17 @@ import json
 from pathlib import Path
 
 from .. import experiment as ex
+from ..experiment import percent, percent_interval
 from .glue_data import TASKS
 
 METRIC_NAMES = {"accuracy": "acc", "matthews": "MCC", "pearson": "Pearson"}
-
-
-def _pct(x) -> str:
-    return "-" if x is None or x != x else f"{100 * x:.2f}"
-
-
-def _interval(d: dict | None) -> str:
-    if not d:
-        return "-"
-    if d["n"] < 2:
-        return f"{100 * d['mean']:+.2f} (n={d['n']})"
-    return f"{100 * d['mean']:+.2f} [{100 * d['lo']:+.2f}, {100 * d['hi']:+.2f}] {d['verdict']}"
 
 
 def _equal_score(d: dict | None) -> str:
     if not d:
         return "-"
     outside = [f"{d[k]} {k.split('_')[1]}" for k in ("seeds_above_front", "seeds_below_front") if d[k]]
-    return _interval(d) + (f" ({', '.join(outside)} AdamW's front)" if outside else "")
+    return percent_interval(d) + (f" ({', '.join(outside)} AdamW's front)" if outside else "")
 
 
 def gate_line(task: str, gate: dict) -> str:
@@ -46,7 +35,7 @@ def glue_table(summary: dict) -> str:
     the average over the tasks that pass the gate."""
     config = summary["config"]
     lines = [f"Budget: {summary['budget_note']}. Pretrained retention (zero-shot STS-B Spearman x 100): "
-             f"{_pct(summary.get('pretrained_retention'))}.", ""]
+             f"{percent(summary.get('pretrained_retention'))}.", ""]
     for task in config["tasks"]:
         entry = summary["tasks"].get(task, {"cells": {}, "gate": {"passed": None, "reason": "no runs"}})
         cells = entry["cells"]
@@ -59,19 +48,19 @@ def glue_table(summary: dict) -> str:
             c = cells.get(opt)
             if c is None:
                 done = entry.get("searching", {}).get(opt, [])
-                runs = "; ".join(f"{r['lr']:g}: held-out {_pct(r['heldout'])}, validation {_pct(r['validation'])}, "
-                                 f"retention {_pct(r['retention'])}" for r in done)
+                runs = "; ".join(f"{r['lr']:g}: held-out {percent(r['heldout'])}, validation "
+                                 f"{percent(r['validation'])}, retention {percent(r['retention'])}" for r in done)
                 lines.append(f"| {opt} | searching ({runs or 'no run finished'}) |" + " |" * 9)
                 continue
             vs = c.get("vs_adamw", {})
             lr = f"{c['lr']:g}" + (" (edge)" if c["at_edge"] else "")
             lines.append(
-                f"| {opt} | {lr} | {_pct(c['mean'])} ± {_pct(c['std'])} | {_interval(vs.get('score'))} | "
-                f"{_pct(c['retention_mean'])} | {_interval(vs.get('retention'))} | "
+                f"| {opt} | {lr} | {percent(c['mean'])} ± {percent(c['std'])} | {percent_interval(vs.get('score'))} | "
+                f"{percent(c['retention_mean'])} | {percent_interval(vs.get('retention'))} | "
                 f"{_equal_score(vs.get('retention_at_equal_score'))} | {len(c['seeds'])} | "
-                f"{_pct(c['untouched_fraction'])} % | {c['l2_shift']:.3f} | {c['median_step_s']:.3f} |")
+                f"{percent(c['untouched_fraction'])} % | {c['l2_shift']:.3f} | {c['median_step_s']:.3f} |")
         lines += ["", "Held-out score per rate (seed 0): " + "; ".join(
-            f"{opt} " + ", ".join(f"{row['lr']:g}: {_pct(row['heldout'])}" for row in c["grid"])
+            f"{opt} " + ", ".join(f"{row['lr']:g}: {percent(row['heldout'])}" for row in c["grid"])
             for opt, c in cells.items()), ""]
     avg = summary["average"]
     lines += ["### Average over the tasks that pass the gate", "",
@@ -81,7 +70,8 @@ def glue_table(summary: dict) -> str:
     if avg["optimizers"]:
         lines += ["", "| optimizer | average | vs. AdamW [95 % CI] | seeds |", "|---|---|---|---|"]
         for opt, row in avg["optimizers"].items():
-            lines.append(f"| {opt} | {_pct(row['mean'])} | {_interval(row.get('vs_adamw'))} | {len(row['seeds'])} |")
+            lines.append(f"| {opt} | {percent(row['mean'])} | {percent_interval(row.get('vs_adamw'))} | "
+                         f"{len(row['seeds'])} |")
     lines += ["", f"{summary['finished_runs']} finished runs; their training loops took "
               f"{summary['train_seconds_total'] / 3600:.2f} h in all (loading, evaluation and probe not included)."]
     if summary.get("retimed"):
