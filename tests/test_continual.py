@@ -42,6 +42,8 @@ def test_result_has_frontiers_tuned_rates_and_intervals(finished):
     for method, m in result["methods"].items():
         n1 = len(list((out / "runs" / "task1" / method).glob("*.json")))
         n2 = len(list((out / "runs" / "dissimilar" / method).glob("*.json")))
+        stored = json.loads(next((out / "runs" / "dissimilar" / method).glob("*.json")).read_text())
+        assert stored["machine"]["processor"] and set(stored) == {"settings", "record", "machine"}
         assert n1 == len(m["task1_tuning"]) and n2 == 2 * len(m["task2"]["dissimilar"]["grid"])
         rates = m["task2"]["dissimilar"]["grid"].values()
         assert len({tuple(g["task2"]) + tuple(g["task1_after"]) for g in rates}) > 1  # rates differ

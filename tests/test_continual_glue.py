@@ -65,7 +65,7 @@ def test_continual_glue_miniature(tmp_path):
     # The task-2 run watched task 1 from the model its own method saved at that seed.
     run2 = json.loads((out / m["nanoadam"]["curve_file"]).read_text())
     saved = json.loads((out / "runs/task1-saved/nanoadam/lr0.001-seed0.json").read_text())
-    assert run2["init_sha256"] == saved["saved_sha256"]
+    assert run2["init_sha256"] == saved["saved_sha256"] and run2["machine"]["processor"]
     before = m["nanoadam"]["tuned"][0]["task1_before"]
     assert run2["watch"]["curve"][0]["score"] == saved["validation"]["score"] == before
     assert run2["config"]["watch_train_limit"] == 60 and run2["config"]["eval_points"] == 1

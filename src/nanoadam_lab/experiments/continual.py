@@ -274,7 +274,10 @@ class Runs:
             stored = json.loads(path.read_text())
             if stored.get("settings") == self.settings:
                 return stored["record"]
-        atomic_write_json(path, {"settings": self.settings, "record": ex.jsonable(compute())})
+        # The machine is recorded, not compared: the CPU can change between sessions (Intel, AMD),
+        # and the two round differently, so a resumed experiment says which runs came from which.
+        atomic_write_json(path, {"settings": self.settings, "record": ex.jsonable(compute()),
+                                 "machine": ex.machine_info()})
         return json.loads(path.read_text())["record"]
 
 

@@ -39,6 +39,7 @@ import torch
 from .._io import reset_peak_rss, status_kb
 from ..analysis.shift import backbone_snapshot, head_keys, shift_report
 from ..baselines import build_optimizer
+from ..experiment import machine_info
 from .glue_data import TASKS, Encoded, TaskSpec, as_spec, collate, compute_metrics, custom_task, encode, load_task
 from .recipe import Recipe, shuffled_batches
 from .retention import SentencePairs, sts_spearman
@@ -318,6 +319,7 @@ def run(config: GlueRunConfig, rows: dict[str, list[dict]] | None = None, progre
         "peak_memory_increase_mb": (peak - rss_before) / 1024 if peak and rss_before else None,
         "optimizer_hyperparameters": bundle.hyperparameters,
         **shift_report(model, snapshot),
+        "machine": machine_info(),  # CPUs differ between sessions and round differently
     }
 
 
