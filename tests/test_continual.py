@@ -59,6 +59,21 @@ def test_rerun_resumes_from_the_run_files(finished, monkeypatch):
     assert again["methods"] == first["methods"]
 
 
+def test_render_only_reports_the_finished_methods(finished, monkeypatch, tmp_path):
+    out, _ = finished
+    calls = []
+    monkeypatch.setattr(continual, "train_stage", lambda *a, **k: calls.append(a) or {})
+    config = continual.ContinualConfig(**{**TINY, "methods": ["adamw", "nanoadam-1%", "lift-1%"],
+                                          "lr_grids": {**TINY["lr_grids"], "lift": (1e-2,)}})
+    result = continual.run(config, str(out), render_only=True)
+    assert calls == []  # nothing trains
+    assert set(result["methods"]) == {"adamw", "nanoadam-1%"} and list(result["unfinished"]) == ["lift-1%"]
+    assert "no run file" in result["unfinished"]["lift-1%"]
+    assert [row["method"] for row in result["comparisons"]] == ["nanoadam-1%"]
+    continual.render(result, str(tmp_path))
+    assert "Still running, left out of every table: lift-1% (no run file" in (tmp_path / "continual.md").read_text()
+
+
 def test_task1_head_is_reloaded_and_only_the_body_carries_over():
     pytest.importorskip("sklearn")
     cfg = continual.ContinualConfig(**TINY)

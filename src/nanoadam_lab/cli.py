@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     cont.add_argument("--epochs", type=_positive_float, default=30.0)
     cont.add_argument("--threads", type=_positive_int, default=1)
     cont.add_argument("--out", type=Path, default=Path("results/continual"))
+    cont.add_argument("--render-only", action="store_true",
+                      help="run nothing: tables and figures of the methods whose runs are all in --out")
     toy = analyses.add_parser("toy", help="two-layer ReLU teacher-student: small weights vs large gradients")
     toy.add_argument("--seed", type=int, default=0, help="first seed")
     toy.add_argument("--seeds", type=_positive_int, default=10, help="number of seeds")
@@ -549,8 +551,8 @@ def _reproduce_continual(args) -> int:
                                  task2=[x.strip() for x in args.task2.split(",") if x.strip()], threads=args.threads)
     except ValueError as e:
         raise UsageError(f"nanoadam reproduce continual: {e}") from None
-    for path in main(config, str(args.out), _command_line(), progress=lambda msg: print(msg, file=sys.stderr,
-                                                                                          flush=True)):
+    for path in main(config, str(args.out), _command_line(), render_only=args.render_only,
+                     progress=lambda msg: print(msg, file=sys.stderr, flush=True)):
         print(path)
     return 0
 

@@ -260,13 +260,17 @@ def _search(run_at, loss_of, grid: list[float], extensions: int) -> dict[float, 
     return dict(sorted(tried.items()))
 
 
+class MissingRun(LookupError):
+    """A run that a read-only ``Runs`` does not hold."""
+
+
 class Runs:
     """One JSON file per finished run under ``root``; ``get`` computes and stores a missing one, or
     one made under other ``settings`` (those that decide a run's numbers: the protocol, the
-    threads, torch's version), which it replaces."""
+    threads, torch's version), which it replaces. ``read_only``: raise ``MissingRun`` instead."""
 
-    def __init__(self, root: Path, settings: dict):
-        self.root, self.settings = root, settings
+    def __init__(self, root: Path, settings: dict, read_only: bool = False):
+        self.root, self.settings, self.read_only = root, settings, read_only
 
     def get(self, *parts: str, compute) -> dict:
         path = self.root.joinpath(*parts[:-1], parts[-1] + ".json")  # not with_suffix: "lr0.001" has a dot
@@ -274,6 +278,8 @@ class Runs:
             stored = json.loads(path.read_text())
             if stored.get("settings") == self.settings:
                 return stored["record"]
+        if self.read_only:
+            raise MissingRun(str(path))
         # The machine is recorded, not compared: the CPU can change between sessions (Intel, AMD),
         # and the two round differently, so a resumed experiment says which runs came from which.
         atomic_write_json(path, {"settings": self.settings, "record": ex.jsonable(compute()),
@@ -289,8 +295,9 @@ def run_settings(cfg: ContinualConfig) -> dict:
     return {**decided, "torch": torch.__version__}
 
 
-def run(config: ContinualConfig, out_dir: str, progress=None) -> dict:
-    """Runs (or resumes) the whole experiment; returns the JSON-ready result."""
+def run(config: ContinualConfig, out_dir: str, progress=None, render_only: bool = False) -> dict:
+    """Runs (or resumes) the whole experiment; returns the JSON-ready result. ``render_only``: runs
+    nothing, and reports the methods whose runs are all on file (the rest listed as unfinished)."""
     cfg = config
     started = time.perf_counter()
     threads = torch.get_num_threads()
@@ -298,70 +305,79 @@ def run(config: ContinualConfig, out_dir: str, progress=None) -> dict:
     try:
         data = Digits(cfg)
         pretrained = pretrain(data, cfg)
-        runs = Runs(Path(out_dir) / "runs", run_settings(cfg))
+        runs = Runs(Path(out_dir) / "runs", run_settings(cfg), read_only=render_only)
         seeds = [cfg.first_seed + i for i in range(cfg.seeds)]
         tick = progress if callable(progress) else (lambda msg: None)
-        methods = {}
+        methods, unfinished = {}, {}
         for method in cfg.methods:
-            grid = sorted(cfg.lr_grids[METHODS[method][0]])
-            models: dict[tuple[float, int], nn.Module] = {}
-
-            def task1(lr: float, seed: int) -> dict:
-                def compute():
-                    model = copy.deepcopy(pretrained)
-                    info = train_stage(model, data, "task1", method, lr, seed, cfg)
-                    models[(lr, seed)] = model  # the chosen one continues into task 2
-                    return {**info, "heldout": evaluate(model, data, "task1", data.heldout),
-                            "test": evaluate(model, data, "task1", data.test)}
-                return runs.get("task1", method, f"lr{lr:g}-seed{seed}", compute=compute)
-
-            # task-1 rate: first seed, held-out loss, grid extended at an edge
-            tuning = _search(lambda lr: task1(lr, seeds[0]), lambda r: r["heldout"]["loss"], grid,
-                             cfg.max_grid_extensions)
-            lr1 = _best({lr: [r["heldout"]["loss"]] for lr, r in tuning.items()})
-            tick(f"{method}: task-1 rate {lr1:g}")
-
-            def task1_model(seed: int) -> nn.Module:
-                if (lr1, seed) not in models:  # retrain (deterministic) when resuming
-                    model = copy.deepcopy(pretrained)
-                    train_stage(model, data, "task1", method, lr1, seed, cfg)
-                    models[(lr1, seed)] = model
-                return models[(lr1, seed)]
-
-            kinds = {}
-            for kind in cfg.task2:
-                def task2(lr: float, seed: int) -> dict:
-                    def compute():
-                        model = copy.deepcopy(task1_model(seed))
-                        head1 = copy.deepcopy(model.fc)
-                        before = evaluate(model, data, "task1", data.test)
-                        info = train_stage(model, data, kind, method, lr, seed, cfg)
-                        record = {**info, "task1_before": before["accuracy"],
-                                  "task2_heldout": evaluate(model, data, kind, data.heldout),
-                                  "task2_test": evaluate(model, data, kind, data.test)}
-                        model.fc = head1  # the task-1 head, as it was after task 1
-                        record["task1_after_heldout"] = evaluate(model, data, "task1", data.heldout)
-                        record["task1_after_test"] = evaluate(model, data, "task1", data.test)
-                        return record
-                    record = runs.get(kind, method, f"lr{lr:g}-seed{seed}", compute=compute)
-                    tick(f"{method} {kind} lr {lr:g} seed {seed}")
-                    return record
-
-                first = _search(lambda lr: task2(lr, seeds[0]), lambda r: r["task2_heldout"]["loss"], grid,
-                                cfg.max_grid_extensions)
-                cells = {lr: [first[lr]] + [task2(lr, s) for s in seeds[1:]] for lr in first}
-                kinds[kind] = summarize_cells(cells)
-            methods[method] = {"lr_task1": lr1, "lr_task1_at_edge": rate_beyond_edge(tuning, lr1) is not None,
-                               "task1_tuning": {f"{lr:g}": r["heldout"] for lr, r in tuning.items()},
-                               "task2": kinds}
+            try:
+                methods[method] = _method(cfg, method, data, pretrained, runs, seeds, tick)
+            except MissingRun as missing:
+                unfinished[method] = f"no run file {Path(str(missing)).relative_to(out_dir)}"
+        comparisons = compare(methods, cfg.task2) if REFERENCE in methods else []
         return {"config": ex.jsonable(asdict(cfg)), "seeds": seeds,
                 "parameters": sum(p.numel() for p in pretrained.parameters()),
                 "sizes": {"fit": len(data.fit), "heldout": len(data.heldout), "test": len(data.test),
                           "pretrain": len(data.pre_y)},
-                "methods": methods, "comparisons": compare(methods, cfg.task2),
+                "methods": methods, "unfinished": unfinished, "comparisons": comparisons,
                 "elapsed_s": time.perf_counter() - started, "machine": ex.machine_info()}
     finally:
         torch.set_num_threads(threads)
+
+
+def _method(cfg: ContinualConfig, method: str, data: Digits, pretrained: nn.Module, runs: Runs, seeds: list[int],
+            tick) -> dict:
+    """One method's stages: the task-1 search, then each second task over the whole grid and every seed."""
+    grid = sorted(cfg.lr_grids[METHODS[method][0]])
+    models: dict[tuple[float, int], nn.Module] = {}
+
+    def task1(lr: float, seed: int) -> dict:
+        def compute():
+            model = copy.deepcopy(pretrained)
+            info = train_stage(model, data, "task1", method, lr, seed, cfg)
+            models[(lr, seed)] = model  # the chosen one continues into task 2
+            return {**info, "heldout": evaluate(model, data, "task1", data.heldout),
+                    "test": evaluate(model, data, "task1", data.test)}
+        return runs.get("task1", method, f"lr{lr:g}-seed{seed}", compute=compute)
+
+    # task-1 rate: first seed, held-out loss, grid extended at an edge
+    tuning = _search(lambda lr: task1(lr, seeds[0]), lambda r: r["heldout"]["loss"], grid,
+                     cfg.max_grid_extensions)
+    lr1 = _best({lr: [r["heldout"]["loss"]] for lr, r in tuning.items()})
+    tick(f"{method}: task-1 rate {lr1:g}")
+
+    def task1_model(seed: int) -> nn.Module:
+        if (lr1, seed) not in models:  # retrain (deterministic) when resuming
+            model = copy.deepcopy(pretrained)
+            train_stage(model, data, "task1", method, lr1, seed, cfg)
+            models[(lr1, seed)] = model
+        return models[(lr1, seed)]
+
+    kinds = {}
+    for kind in cfg.task2:
+        def task2(lr: float, seed: int, kind: str = kind) -> dict:
+            def compute():
+                model = copy.deepcopy(task1_model(seed))
+                head1 = copy.deepcopy(model.fc)
+                before = evaluate(model, data, "task1", data.test)
+                info = train_stage(model, data, kind, method, lr, seed, cfg)
+                record = {**info, "task1_before": before["accuracy"],
+                          "task2_heldout": evaluate(model, data, kind, data.heldout),
+                          "task2_test": evaluate(model, data, kind, data.test)}
+                model.fc = head1  # the task-1 head, as it was after task 1
+                record["task1_after_heldout"] = evaluate(model, data, "task1", data.heldout)
+                record["task1_after_test"] = evaluate(model, data, "task1", data.test)
+                return record
+            record = runs.get(kind, method, f"lr{lr:g}-seed{seed}", compute=compute)
+            tick(f"{method} {kind} lr {lr:g} seed {seed}")
+            return record
+
+        first = _search(lambda lr: task2(lr, seeds[0]), lambda r: r["task2_heldout"]["loss"], grid,
+                        cfg.max_grid_extensions)
+        cells = {lr: [first[lr]] + [task2(lr, s) for s in seeds[1:]] for lr in first}
+        kinds[kind] = summarize_cells(cells)
+    return {"lr_task1": lr1, "lr_task1_at_edge": rate_beyond_edge(tuning, lr1) is not None,
+            "task1_tuning": {f"{lr:g}": r["heldout"] for lr, r in tuning.items()}, "task2": kinds}
 
 
 def summarize_cells(cells: dict[float, list[dict]]) -> dict:
@@ -417,6 +433,9 @@ def render(result: dict, out_dir: str) -> list[Path]:
                 f"epochs a task; accuracy x 100 on the test images (task 1: {result['sizes']['test']} images); "
                 f"rates chosen on {result['sizes']['heldout']} held-out training images, never on the test images.",
                 ""]
+    if result.get("unfinished"):
+        sections += ["Still running, left out of every table: " + "; ".join(
+            f"{method} ({why})" for method, why in result["unfinished"].items()) + ".", ""]
     written = []
     for kind in cfg["task2"]:
         rows = []
@@ -482,8 +501,8 @@ def plot_frontiers(result: dict, kind: str, path: Path) -> Path:
     return ex.save_figure(fig, str(path), dpi=120)
 
 
-def main(config: ContinualConfig, out_dir: str, command: str, progress=None) -> list[Path]:
+def main(config: ContinualConfig, out_dir: str, command: str, progress=None, render_only: bool = False) -> list[Path]:
     def run_with_command(cfg):
-        return {"command": command, **run(cfg, out_dir, progress)}
+        return {"command": command, **run(cfg, out_dir, progress, render_only)}
 
     return ex.run_and_render(run_with_command, render, config, out_dir, "continual")
