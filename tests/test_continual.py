@@ -34,6 +34,10 @@ def test_result_has_frontiers_tuned_rates_and_intervals(finished):
             assert g["forgetting"] == [b - a for b, a in zip(g["task1_before"], g["task1_after"])]
     (row,) = result["comparisons"]
     assert row["method"] == "nanoadam-1%" and row["kind"] == "dissimilar"
+    assert set(row["frontier_dominance"]) == set(result["methods"]["nanoadam-1%"]["task2"]["dissimilar"]["grid"])
+    adamw_rates = set(result["methods"]["adamw"]["task2"]["dissimilar"]["grid"])
+    for found in row["frontier_dominance"].values():
+        assert set(found["dominated_by"]) | set(found["dominates"]) <= adamw_rates
     for key in ("task2", "task1_after", "forgetting"):
         d = row[key]
         assert d["n"] == 2 and d["lo"] <= d["mean"] <= d["hi"]

@@ -143,3 +143,19 @@ def test_shuffled_batches_follow_the_seed_alone_across_passes():
     got = [next(batches) for _ in range(9)]
     assert got == reference(10, 4, 3, 9)
     assert sorted(sum(got[:2], []) + got[2][:2]) == list(range(10))  # the first pass, then the next
+
+
+def test_paired_dominance_needs_both_axes_and_widens_over_the_reference_points():
+    from nanoadam_lab.analysis.frontier import paired_dominance
+
+    point = {"score": [0.90, 0.91, 0.92, 0.90, 0.91], "retention": [0.80, 0.82, 0.81, 0.80, 0.83]}
+    better = {"score": [0.95, 0.96, 0.96, 0.95, 0.97], "retention": [0.90, 0.91, 0.92, 0.90, 0.93]}
+    mixed = {"score": [0.95, 0.96, 0.96, 0.95, 0.97], "retention": [0.70, 0.71, 0.72, 0.70, 0.73]}
+    worse = {"score": [0.80, 0.81, 0.82, 0.80, 0.81], "retention": [0.70, 0.72, 0.71, 0.70, 0.73]}
+    noisy = {"score": [0.99, 0.80, 0.99, 0.80, 0.99], "retention": [0.99, 0.70, 0.99, 0.70, 0.99]}
+    found = paired_dominance(point, {"better": better, "mixed": mixed, "worse": worse, "noisy": noisy})
+    assert found["dominated_by"] == ["better"] and found["dominates"] == ["worse"]
+    assert found["level"] == pytest.approx(1 - 0.05 / 4)
+    # the noisy point is higher on average on both axes, but its intervals include zero
+    assert found["pairs"]["noisy"]["score"]["lo"] < 0 < found["pairs"]["noisy"]["score"]["hi"]
+    assert paired_dominance(point, {"one seed": {"score": [0.99], "retention": [0.99]}})["dominated_by"] == []

@@ -7,6 +7,10 @@ an optimizer at its chosen rate, the reference's retention at that seed's task s
 the reference's frontier (its Pareto-optimal grid points, linearly interpolated), and the
 difference is averaged over seeds with a 95 % interval. The reference frontier comes from one
 seed per rate, so the interval covers the compared optimizer's seed spread only.
+
+Where the two frontiers do not overlap in task score, no equal-score comparison exists; then
+``paired_dominance`` asks the frontier question directly: is a point beaten on both axes by one
+of the reference's points (paired by seed, where both ran every seed at every rate)?
 """
 
 from __future__ import annotations
@@ -49,3 +53,28 @@ def retention_at_equal_score(cell: dict, reference: dict) -> dict:
             continue
         diffs.append(retention - at)
     return {**judged_difference(diffs), "seeds_above_front": above, "seeds_below_front": below, "front": front}
+
+
+def paired_dominance(point: dict[str, Sequence[float | None]], reference: dict[str, dict[str, Sequence[float | None]]],
+                     level: float = 0.95) -> dict:
+    """Whether one frontier point (per-seed ``score`` and ``retention``, seed-aligned lists) is
+    beaten on both axes by a reference point, or beats one, by paired per-seed intervals.
+
+    Each reference point (``{label: {"score": [...], "retention": [...]}}``, the same seeds in the
+    same order) gives two paired differences, ``point - reference``. ``dominated_by`` lists the
+    labels whose both intervals lie below zero, ``dominates`` those whose both lie above. The
+    intervals are Bonferroni-widened over the reference points (level ``1 - (1 - level) / k``),
+    since the reference point is picked after looking at all ``k``."""
+    k = max(1, len(reference))
+    widened = 1 - (1 - level) / k
+    pairs, dominated_by, dominates = {}, [], []
+    for label, ref in reference.items():
+        diffs = {axis: judged_difference([a - b for a, b in zip(point[axis], ref[axis])
+                                          if a is not None and b is not None], widened)
+                 for axis in ("score", "retention")}
+        pairs[label] = diffs
+        if all(d["hi"] < 0 for d in diffs.values()):
+            dominated_by.append(label)
+        if all(d["lo"] > 0 for d in diffs.values()):
+            dominates.append(label)
+    return {"dominated_by": dominated_by, "dominates": dominates, "level": widened, "pairs": pairs}

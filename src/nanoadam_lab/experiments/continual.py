@@ -401,7 +401,7 @@ def summarize_cells(cells: dict[float, list[dict]]) -> dict:
 def compare(methods: dict, kinds: list[str]) -> list[dict]:
     """Each method against AdamW, per second task: paired per-seed differences at the tuned rates,
     and retention at equal task-2 score against AdamW's frontier of grid means."""
-    from ..analysis.frontier import retention_at_equal_score
+    from ..analysis.frontier import paired_dominance, retention_at_equal_score
     from ..analysis.stats import judged_difference
 
     rows = []
@@ -421,6 +421,14 @@ def compare(methods: dict, kinds: list[str]) -> list[dict]:
             equal = retention_at_equal_score({"scores": cell["task2"], "retention": cell["task1_after"]}, reference)
             equal.pop("front")
             row["retention_at_equal_task2"] = equal
+            # Every rate ran every seed, so each of the method's frontier points can be set against
+            # each of AdamW's, paired by seed, on both axes at once.
+            adamw_points = {lr: {"score": g["task2"], "retention": g["task1_after"]} for lr, g in ref["grid"].items()}
+            row["frontier_dominance"] = {}
+            for lr, g in k["grid"].items():
+                found = paired_dominance({"score": g["task2"], "retention": g["task1_after"]}, adamw_points)
+                found.pop("pairs")
+                row["frontier_dominance"][lr] = found
             rows.append(row)
     return rows
 
@@ -468,10 +476,25 @@ def render(result: dict, out_dir: str) -> list[Path]:
                                         "outside AdamW's range"], comp), "",
                      "Frontier points (mean task 2 / mean task 1 after, per rate):", "",
                      ex.markdown_table(["method", "rate: task 2 / task 1 after"], grid_rows), "",
+                     "Each frontier point against each of AdamW's, paired by seed on both axes (95 % intervals, "
+                     "Bonferroni-widened over AdamW's points): the AdamW rates that beat it on both task 2 and task "
+                     "1 after, and those it beats on both.", "",
+                     ex.markdown_table(["method", "rate", "beaten on both axes by AdamW at", "beats AdamW at"],
+                                       _dominance_rows(result, kind)), "",
                      f"![{kind}]({name})", ""]
     sections += ["## Settings", "", ex.settings_table(cfg)]
     title = "Vision continual finetuning: frontiers of new-task accuracy against old-task retention"
     return [*written, ex.write_markdown(out_dir, "continual", title, result, sections)]
+
+
+def _dominance_rows(result: dict, kind: str) -> list[list[str]]:
+    rows = []
+    for r in result["comparisons"]:
+        if r["kind"] != kind or "frontier_dominance" not in r:
+            continue
+        for lr, d in r["frontier_dominance"].items():
+            rows.append([r["method"], lr, ", ".join(d["dominated_by"]) or "-", ", ".join(d["dominates"]) or "-"])
+    return rows
 
 
 def plot_frontiers(result: dict, kind: str, path: Path) -> Path:
