@@ -72,6 +72,8 @@ def test_continual_glue_miniature(tmp_path):
     comp = result["comparisons"]["nanoadam"]
     assert comp["task2"]["n"] == 2 and comp["task2"]["lo"] <= comp["task2"]["mean"] <= comp["task2"]["hi"]
     assert "task1_after_at_equal_task2" in comp and "retention_at_equal_task2" in comp
+    assert set(comp["frontier_dominance"]) == {"0.001"}  # nanoadam's one task-2 rate, against adamw's two
+    assert "beaten on both by AdamW at" in (out / "continual_glue.md").read_text()
     md = (out / "continual_glue.md").read_text()
     assert "Against AdamW, paired by seed" in md and "| nanoadam |" in md
     assert "MRPC (task 2) gate: undecided (the head-only control" in md  # no head-only among these methods
@@ -169,3 +171,14 @@ def test_continual_glue_diverged_and_rebuilt_task1_models(tmp_path):
     result = main(config, execute=_fake_runs(calls), render_only=True)
     assert result["methods"]["adamw"]["init_mismatches"] == ["lr0.001-seed0"]
     assert "Rebuilt task-1 models" in (out / "continual_glue.md").read_text()
+
+
+def test_frontier_dominance_pairs_the_seeds_both_points_ran():
+    from nanoadam_lab.experiments.continual_glue import _dominance
+
+    point = {"lr": 1e-3, "seeds": [0, 1, 2, 3],
+             "per_seed": {"task2": [0.5, 0.99, 0.52, 0.51], "task1_after": [0.8, 0.0, 0.82, 0.81]}}
+    better = {"lr": 1e-4, "seeds": [0, 2, 3], "per_seed": {"task2": [0.6, 0.62, 0.61], "task1_after": [0.9, 0.92, 0.9]}}
+    worse = {"lr": 1e-5, "seeds": [0, 2, 3], "per_seed": {"task2": [0.4, 0.42, 0.405], "task1_after": [0.7, 0.72, 0.7]}}
+    # seed 1 (an outlier that would swing both axes) is left out: only seeds 0, 2 and 3 pair up
+    assert _dominance(point, [better, worse]) == {"dominated_by": ["0.0001"], "dominates": ["1e-05"]}

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import experiment as ex
-from ..analysis.frontier import retention_at_equal_score
+from ..analysis.frontier import paired_dominance, retention_at_equal_score
 from ..analysis.stats import judged_difference
 from ..experiment import percent, percent_interval, percent_mean_std
 from .compare import (
@@ -260,6 +260,7 @@ def summarize(config: ContinualGlueConfig) -> dict:
             frontier.append({"lr": lr, "seeds": [x["seed"] for x in records],
                              **{f"mean_{k}": _mean(x[k] for x in records)
                                 for k in ("task2", "task1_after", "retention", "forgetting")},
+                             "per_seed": {k: [x[k] for x in records] for k in ("task2", "task1_after", "retention")},
                              "diverged": sum(x["diverged"] for x in records)})
         tuned = sorted(by_rate.get(lr2, []), key=lambda x: x["seed"]) if lr2 is not None else []
         finals[method] = {"_finals": sorted((r for r in runs2 if r["config"]["lr"] == lr2),
@@ -309,8 +310,27 @@ def compare_methods(methods: dict[str, dict]) -> dict[str, dict]:
             equal = retention_at_equal_score({**cell, "retention": [x[key] for x in m["tuned"]]}, reference)
             equal.pop("front")
             row[f"{key}_at_equal_task2"] = equal
+        row["frontier_dominance"] = {f"{p['lr']:g}": _dominance(p, ref["frontier"]) for p in m["frontier"]}
         rows[method] = row
     return rows
+
+
+def _dominance(point: dict, reference: list[dict]) -> dict:
+    """``analysis.frontier.paired_dominance`` of one frontier point against AdamW's points
+    (task 2 and task 1 after), each pair over the seeds both ran."""
+    def axes(p: dict, seeds: list[int]) -> dict[str, list]:
+        by_seed = dict(zip(p["seeds"], zip(p["per_seed"]["task2"], p["per_seed"]["task1_after"])))
+        return {"score": [by_seed[s][0] for s in seeds], "retention": [by_seed[s][1] for s in seeds]}
+
+    found = {"dominated_by": [], "dominates": []}
+    for ref in reference:
+        common = sorted(set(point["seeds"]) & set(ref["seeds"]))
+        # one pair at a time (each over its own common seeds), widened over all of AdamW's points
+        pair = paired_dominance(axes(point, common), {f"{ref['lr']:g}": axes(ref, common)},
+                                level=1 - 0.05 / max(1, len(reference)))
+        found["dominated_by"] += pair["dominated_by"]
+        found["dominates"] += pair["dominates"]
+    return found
 
 
 # -- rendering ---------------------------------------------------------------------------------
@@ -347,7 +367,14 @@ def render(result: dict, out_dir: str) -> list[Path]:
                 ex.markdown_table(["method", t2, f"{t1} after", "forgetting", "STS", f"{t1} after at equal {t2}",
                                    f"STS at equal {t2}"], comp), "",
                 f"## Frontier points (mean over seeds below {cfg['frontier_seeds']})", "",
-                ex.markdown_table(["method", f"{t2} rate", "seeds", t2, f"{t1} after", "STS", "diverged"], points), ""]
+                ex.markdown_table(["method", f"{t2} rate", "seeds", t2, f"{t1} after", "STS", "diverged"], points), "",
+                f"Each frontier point against each of AdamW's, paired by seed on {t2} and {t1} after at once (95 % "
+                "intervals, Bonferroni-widened over AdamW's points): the AdamW rates that beat it on both, and those "
+                "it beats on both.", "",
+                ex.markdown_table(["method", f"{t2} rate", "beaten on both by AdamW at", "beats AdamW at"],
+                                  [[name, lr, ", ".join(d["dominated_by"]) or "-", ", ".join(d["dominates"]) or "-"]
+                                   for name, r in result["comparisons"].items()
+                                   for lr, d in r["frontier_dominance"].items()]), ""]
     mismatched = {name: m["init_mismatches"] for name, m in methods.items() if m["init_mismatches"]}
     if mismatched or result.get("rebuilt_models"):
         sections += ["## Rebuilt task-1 models", "", "Task-1 models rebuilt because their file was missing: "
