@@ -95,6 +95,7 @@ def ddp_worker(rank, port):
             torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6, msg=name)
             if "index" in opt.state[p]:
                 assert torch.equal(opt.state[p]["index"], ref_opt.state[q]["index"]), name
+        dist.barrier()  # no rank tears gloo down while another still has work in flight
     finally:
         dist.destroy_process_group()
 
@@ -153,6 +154,9 @@ def fsdp_worker(rank, port, checkpoint_dir):
                 other = opt2.state[q][key]
                 assert torch.equal(value.to_local() if isinstance(value, DTensor) else value,
                                    other.to_local() if isinstance(other, DTensor) else other), (name, key)
+        # No rank tears gloo down while another still has work in flight: a rank that did once
+        # aborted in gloo's teardown ("terminate called without an active exception", SIGABRT).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
