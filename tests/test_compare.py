@@ -11,6 +11,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 
+from glue_helpers import DATA, TINY, in_process  # noqa: E402
+
 from nanoadam_lab.cli import main  # noqa: E402
 from nanoadam_lab.experiments.compare import (  # noqa: E402
     CompareConfig,
@@ -21,19 +23,6 @@ from nanoadam_lab.experiments.compare import (  # noqa: E402
 )
 from nanoadam_lab.experiments.glue import run  # noqa: E402
 from nanoadam_lab.experiments.report import glue_table, plot_curves, plot_frontiers  # noqa: E402
-
-DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "glue")
-if not os.path.isdir(DATA):
-    DATA = "/work/shared/data/glue"
-TINY = dict(train_limit=60, eval_limit=40, max_steps=2, max_length=32, batch_size=8, epochs=1.0, eval_points=1,
-            probe_limit=24)
-
-
-def in_process(calls):
-    def execute(config, path):
-        calls.append(path)
-        _write_atomic(path, run(config))
-    return execute
 
 
 def test_compare_tunes_on_heldout_resumes_and_reports(tmp_path):

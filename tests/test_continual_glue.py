@@ -11,23 +11,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")
 
+from glue_helpers import DATA, TINY, in_process  # noqa: E402
+
 from nanoadam_lab.cli import main as cli  # noqa: E402
 from nanoadam_lab.experiments.compare import CompareConfig, _write_atomic, run_path  # noqa: E402
 from nanoadam_lab.experiments.continual_glue import ContinualGlueConfig, main  # noqa: E402
-from nanoadam_lab.experiments.glue import run  # noqa: E402
-
-DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "glue")
-if not os.path.isdir(DATA):
-    DATA = "/work/shared/data/glue"
-TINY = dict(train_limit=60, eval_limit=40, max_steps=2, max_length=32, batch_size=8, epochs=1.0, eval_points=1,
-            probe_limit=24)
-
-
-def in_process(calls):
-    def execute(config, path):
-        calls.append(str(path))
-        _write_atomic(path, run(config))
-    return execute
 
 
 def test_continual_glue_miniature(tmp_path):

@@ -9,12 +9,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("transformers")
 
 import torch  # noqa: E402
+from glue_helpers import DATA  # noqa: E402
 
 from nanoadam_lab.experiments.glue import GlueRunConfig, load_body, load_model_and_tokenizer, run  # noqa: E402
 
-DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "glue")
-if not os.path.isdir(DATA):
-    DATA = "/work/shared/data/glue"
 TINY = dict(train_limit=60, eval_limit=40, max_steps=3, max_length=32, batch_size=8, epochs=1.0, eval_points=1,
             retention_probe=False, data_dir=DATA, eval_split="heldout")
 
