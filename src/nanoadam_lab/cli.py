@@ -522,11 +522,7 @@ def _compare(args) -> int:
         summary = {**summarize(config), "failures": [], "retimed": []}
     else:
         with tqdm(desc="compare", unit="run") as bar:
-            def progress(done, total, path):
-                bar.total = total
-                bar.set_postfix_str(str(path.relative_to(out / "runs")))
-                bar.update(1)
-            summary = run_compare(config, progress=progress)
+            summary = run_compare(config, progress=_run_progress(bar, lambda path: path.relative_to(out / "runs")))
     table = glue_table(summary)
     print(table)
     plot_curves(out, summary)
@@ -535,6 +531,15 @@ def _compare(args) -> int:
     for failure in summary["failures"]:
         print(f"failed: {failure['run']}: {failure['error']}", file=sys.stderr)
     return 1 if summary["failures"] else 0
+
+
+def _run_progress(bar, name):
+    """A ``RunLedger`` progress callback that advances ``bar`` and shows ``name(path)`` of the last run."""
+    def progress(done, total, path):
+        bar.total = total
+        bar.set_postfix_str(str(name(path)))
+        bar.update(1)
+    return progress
 
 
 def _machine() -> dict:
@@ -593,11 +598,7 @@ def _reproduce_ablation(args) -> int:
     except ValueError as e:
         raise UsageError(f"nanoadam reproduce ablation: {e}") from None
     with tqdm(desc="ablation", unit="run") as bar:
-        def progress(done, total, path):
-            bar.total = total
-            bar.set_postfix_str(path.name)
-            bar.update(1)
-        result = main(config, command=_command_line(), progress=progress)
+        result = main(config, command=_command_line(), progress=_run_progress(bar, lambda path: path.name))
     print((args.out / "ablation.md").read_text())
     return 1 if result["failures"] else 0
 
@@ -619,11 +620,8 @@ def _reproduce_continual_glue(args) -> int:
         raise UsageError(f"nanoadam reproduce continual-glue: {e}") from None
     _check_glue_inputs(args, [args.task1, args.task2])
     with tqdm(desc="continual-glue", unit="run", disable=args.render_only) as bar:
-        def progress(done, total, path):
-            bar.total = total
-            bar.set_postfix_str(str(path.relative_to(out / "runs")))
-            bar.update(1)
-        result = main(config, command=_command_line(), progress=progress, render_only=args.render_only)
+        result = main(config, command=_command_line(), render_only=args.render_only,
+                      progress=_run_progress(bar, lambda path: path.relative_to(out / "runs")))
     print((out / "continual_glue.md").read_text())
     for failure in result["failures"]:
         print(f"failed: {failure['run']}: {failure['error']}", file=sys.stderr)

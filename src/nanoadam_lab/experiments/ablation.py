@@ -36,11 +36,9 @@ from .compare import (
     RunLedger,
     _grid_row,
     _paired,
-    best_lr,
     budget_settings,
-    next_rate,
     reuse_run,
-    usable,
+    search_rate,
 )
 from .glue import GlueRunConfig
 
@@ -119,13 +117,8 @@ def run(config: AblationConfig, execute=None, progress=None) -> dict:
     chosen: dict[str, float | None] = {}
     searches: dict[str, dict[float, dict]] = {}
     for name in own:
-        grid = config.lr_grids[table[name][0]]
-        tried: dict[float, dict] = {}
-        while (lr := next_rate(tried, grid, config.max_extensions)) is not None:
-            tried[lr] = ensure(name, lr, 0) or {"score": float("nan")}
-        found = {r: x for r, x in tried.items() if usable(x)}
-        chosen[name] = best_lr(found) if found else None
-        searches[name] = tried
+        searches[name], chosen[name] = search_rate(lambda lr, n=name: ensure(n, lr, 0),
+                                                   config.lr_grids[table[name][0]], config.max_extensions)
     for name, (_, _, rate) in table.items():
         if rate != "own":
             chosen[name] = chosen.get(rate)

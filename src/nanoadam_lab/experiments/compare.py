@@ -238,6 +238,24 @@ def next_rate(tried: dict[float, dict], grid: list[float], max_extensions: int) 
     return None if step is None or step in tried else step  # rounding can land on a tried rate
 
 
+def chosen_rate(tuning: dict[float, dict], grid: list[float], max_extensions: int) -> float | None:
+    """The rate a settled search over ``grid`` chose from its runs (seed 0 per rate): None while
+    it has not settled (``next_rate`` still proposes one) or when every run failed."""
+    if not tuning or next_rate(tuning, grid, max_extensions) is not None:
+        return None
+    found = {rate: r for rate, r in tuning.items() if usable(r)}
+    return best_lr(found) if found else None
+
+
+def search_rate(ensure, grid: list[float], max_extensions: int) -> tuple[dict[float, dict], float | None]:
+    """Runs a search: ``ensure(lr)`` (a run's result, or None when it failed) at each rate
+    ``next_rate`` proposes; returns the runs tried and the chosen rate (None: every run failed)."""
+    tried: dict[float, dict] = {}
+    while (lr := next_rate(tried, grid, max_extensions)) is not None:
+        tried[lr] = ensure(lr) or {"score": float("nan")}
+    return tried, chosen_rate(tried, grid, max_extensions)
+
+
 class RunLedger:
     """Runs each planned GlueRunConfig once: a run whose file exists is read back instead, a new
     one is executed and written atomically; failures are collected, progress reported."""
@@ -343,9 +361,8 @@ def run_compare(config: CompareConfig, execute=None, progress=None) -> dict:
                 if (ties := _tied(config, optimizer, chosen)) is None:
                     continue
                 lr = next_rate(tried[optimizer], config.lr_grids[optimizer], config.max_extensions)
-                if lr is None:
-                    found = {r: x for r, x in tried[optimizer].items() if usable(x)}
-                    chosen[optimizer] = best_lr(found) if found else None  # None: every run failed
+                if lr is None:  # settled: the chosen rate, or None when every run failed
+                    chosen[optimizer] = chosen_rate(tried[optimizer], config.lr_grids[optimizer], config.max_extensions)
                     progressed = True
                     continue
                 result = ledger.ensure(config.run_config(task, optimizer, lr, 0, ties),
@@ -400,12 +417,9 @@ def _cell(runs: list[dict], grid: list[float], max_extensions: int, seeds: int,
     runs = [r for r in runs if r["config"]["seed"] < seeds and all(
         r["config"]["optimizer_overrides"].get(k) == v for k, v in (tied or {}).items())]
     tuning = {r["config"]["lr"]: r for r in runs if r["config"]["seed"] == 0}
-    if not tuning or next_rate(tuning, grid, max_extensions) is not None:
-        return None  # the search has not settled yet
-    found = {rate: r for rate, r in tuning.items() if usable(r)}
-    if not found:
-        return None  # every rate failed
-    lr = best_lr(found)  # as run_compare chooses
+    lr = chosen_rate(tuning, grid, max_extensions)  # as run_compare chooses
+    if lr is None:
+        return None  # the search has not settled yet, or every rate failed
     finals = sorted((r for r in runs if r["config"]["lr"] == lr and "validation" in r),
                     key=lambda r: r["config"]["seed"])
     rates = sorted(tuning)

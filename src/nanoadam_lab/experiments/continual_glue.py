@@ -33,7 +33,6 @@ a rerun of the same command skips every run whose file exists.
 from __future__ import annotations
 
 import json
-import statistics
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -49,11 +48,12 @@ from .compare import (
     CompareConfig,
     RunLedger,
     _load,
-    best_lr,
+    _mean_or_none,
+    chosen_rate,
     gate,
     next_rate,
     reuse_run,
-    usable,
+    search_rate,
 )
 from .glue import GlueRunConfig
 from .glue_data import TASKS
@@ -137,15 +137,6 @@ def _task2_dir(out: Path, method: str, lr1: float) -> Path:
     return out / "runs" / "task2" / method / f"from-lr{lr1:g}"
 
 
-def _search(ensure, grid: list[float], max_extensions: int) -> tuple[dict[float, dict], float | None]:
-    """Seed 0 over ``grid`` (extended at an edge), as ``compare`` searches; (tried, chosen rate or None)."""
-    tried: dict[float, dict] = {}
-    while (lr := next_rate(tried, grid, max_extensions)) is not None:
-        tried[lr] = ensure(lr) or {"score": float("nan")}
-    found = {r: x for r, x in tried.items() if usable(x)}
-    return tried, (best_lr(found) if found else None)
-
-
 def run(config: ContinualGlueConfig, execute=None, progress=None) -> dict:
     """Runs (or resumes) every stage; returns the summary (``summarize``) with the failures and the
     task-1 models rebuilt on the way."""
@@ -193,11 +184,11 @@ def run(config: ContinualGlueConfig, execute=None, progress=None) -> dict:
         return ledger.ensure(config.task2_config(method, lr1, lr, seed), path)
 
     for method in config.methods:
-        _, lr1 = _search(lambda lr, m=method: task1(m, lr), grids[method], config.max_extensions)
+        _, lr1 = search_rate(lambda lr, m=method: task1(m, lr), grids[method], config.max_extensions)
         if lr1 is None:
             continue
         # Each seed's task-1 model is trained (or rebuilt) when a task-2 run first needs it.
-        tried, lr2 = _search(lambda lr, m=method, r1=lr1: task2(m, r1, lr, 0), grids[method], config.max_extensions)
+        tried, lr2 = search_rate(lambda lr, m=method, r1=lr1: task2(m, r1, lr, 0), grids[method], config.max_extensions)
         for seed in range(1, config.seeds):
             for lr in sorted(tried):
                 if seed < config.frontier_seeds or lr == lr2:
@@ -209,11 +200,6 @@ def _runs(folder: Path, seeds: int) -> list[dict]:
     """The run files in ``folder`` of seeds below ``seeds``."""
     runs = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
     return [r for r in runs if r["config"]["seed"] < seeds]
-
-
-def _mean(xs) -> float | None:
-    xs = [x for x in xs if x is not None]
-    return statistics.fmean(xs) if xs else None
 
 
 def _task2_record(run: dict) -> dict:
@@ -236,12 +222,9 @@ def summarize(config: ContinualGlueConfig) -> dict:
     finals: dict[str, dict] = {}        # the chosen task-2 rate
     for method in config.methods:
         tuning1 = {r["config"]["lr"]: r for r in _runs(out / "runs" / "task1" / method, 1)}
-        if not tuning1 or next_rate(tuning1, config.lr_grids[method], config.max_extensions) is not None:
-            continue  # the task-1 search has not settled yet
-        found = {lr: r for lr, r in tuning1.items() if usable(r)}
-        if not found:
-            continue
-        lr1 = best_lr(found)
+        lr1 = chosen_rate(tuning1, config.lr_grids[method], config.max_extensions)
+        if lr1 is None:
+            continue  # the task-1 search has not settled yet (or every run failed)
         saved = {r["config"]["seed"]: r for r in _runs(out / "runs" / "task1-saved" / method, config.seeds)
                  if r["config"]["lr"] == lr1}
         saved_finals[method] = {"_finals": [saved[s] for s in sorted(saved)]}
@@ -252,13 +235,12 @@ def summarize(config: ContinualGlueConfig) -> dict:
             by_rate.setdefault(r["config"]["lr"], []).append(_task2_record(r))
         tuning2 = {r["config"]["lr"]: r for r in runs2 if r["config"]["seed"] == 0}
         settled = bool(tuning2) and next_rate(tuning2, config.lr_grids[method], config.max_extensions) is None
-        usable2 = {lr: r for lr, r in tuning2.items() if usable(r)}
-        lr2 = best_lr(usable2) if settled and usable2 else None
+        lr2 = chosen_rate(tuning2, config.lr_grids[method], config.max_extensions)
         frontier = []
         for lr in sorted(by_rate):
             records = sorted((x for x in by_rate[lr] if x["seed"] < config.frontier_seeds), key=lambda x: x["seed"])
             frontier.append({"lr": lr, "seeds": [x["seed"] for x in records],
-                             **{f"mean_{k}": _mean(x[k] for x in records)
+                             **{f"mean_{k}": _mean_or_none(x[k] for x in records)
                                 for k in ("task2", "task1_after", "retention", "forgetting")},
                              "per_seed": {k: [x[k] for x in records] for k in ("task2", "task1_after", "retention")},
                              "diverged": sum(x["diverged"] for x in records)})
