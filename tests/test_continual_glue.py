@@ -58,6 +58,12 @@ def test_continual_glue_miniature(tmp_path):
     assert run2["watch"]["curve"][0]["score"] == saved["validation"]["score"] == before
     assert run2["config"]["watch_train_limit"] == 60 and run2["config"]["eval_points"] == 1
     comp = result["comparisons"]["nanoadam"]
+    # Task 1 after, also with its head's offset and with a linear probe refit, before and after task 2.
+    for x in m["nanoadam"]["tuned"]:
+        assert x["task1_after_offset"] is not None and x["task1_before_offset"] is not None
+        assert x["forgetting_probe"] == pytest.approx(x["task1_before_probe"] - x["task1_after_probe"])
+    assert comp["task1_after_probe"]["n"] == 2 and set(comp["frontier_dominance_probe"]) == {"0.001"}
+    assert "after (probe)" in (out / "continual_glue.md").read_text()
     assert comp["task2"]["n"] == 2 and comp["task2"]["lo"] <= comp["task2"]["mean"] <= comp["task2"]["hi"]
     assert "task1_after_at_equal_task2" in comp and "retention_at_equal_task2" in comp
     assert set(comp["frontier_dominance"]) == {"0.001"}  # nanoadam's one task-2 rate, against adamw's two

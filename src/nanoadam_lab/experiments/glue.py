@@ -20,6 +20,9 @@ state dict, ``init_from`` starts a run from one (the body loaded, a new seeded h
 ``watch_task`` scores the earlier task along the way with its own head, reloaded from
 ``init_from`` for each evaluation and put back after: before training, at every evaluation point
 and at the end (held-out slice and validation set, split as that task's own run split them).
+Before training and at the end it is also scored with that head's offset refit and with a linear
+probe refit on the body's features (``refit``; ``watch_refit_examples`` of its training examples),
+because task 2 can shift the old head's logits without losing what the body holds of task 1.
 """
 
 from __future__ import annotations
@@ -83,6 +86,9 @@ class GlueRunConfig:
     save_to: str | None = None  # where the finetuned model's state dict goes (not written if it diverged)
     watch_task: str | None = None  # the task init_from was finetuned on, scored with its own head
     watch_train_limit: int | None = None  # that task's run's train_limit, so that its held-out slice is the same
+    # The watched task is also scored, before and after, with its head's offset refit and with a linear probe
+    # refit on the body's features (``refit``), both fit on this many of its training examples (0: not at all).
+    watch_refit_examples: int = 1000
 
     def __post_init__(self):
         if self.dataset is None and self.task not in TASKS:
@@ -101,6 +107,8 @@ class GlueRunConfig:
             if TASKS[self.watch_task].num_labels != self.spec.num_labels:
                 raise ValueError(f"watch_task {self.watch_task!r} has {TASKS[self.watch_task].num_labels} labels and "
                                  f"{self.spec.name!r} {self.spec.num_labels}: the two heads must have the same shape")
+        if not isinstance(self.watch_refit_examples, int) or self.watch_refit_examples < 0:
+            raise ValueError(f"Invalid watch_refit_examples: {self.watch_refit_examples!r} (expected an int >= 0)")
         if (self.init_from or self.save_to) and self.lora_r:
             raise ValueError("init_from and save_to take full models; they do not combine with lora_r")
 
@@ -180,6 +188,30 @@ def predict(model, data: Encoded, pad_id: int, batch_size: int = 64) -> torch.Te
     return torch.cat(outputs)
 
 
+@torch.no_grad()
+def predict_with_features(model, data: Encoded, pad_id: int, head_output: torch.nn.Module,
+                          batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """``predict``'s logits and, for every example, the input of ``head_output`` (the features the
+    head's output layer reads)."""
+    captured: list[torch.Tensor] = []
+    hook = head_output.register_forward_pre_hook(lambda _, args: captured.append(args[0].detach().float()))
+    try:
+        logits = predict(model, data, pad_id, batch_size)
+    finally:
+        hook.remove()
+    return logits, torch.cat(captured)
+
+
+def head_output_layer(model: torch.nn.Module, num_labels: int) -> torch.nn.Module:
+    """The head's last linear layer with one output per label (``classifier`` for BERT)."""
+    heads = {k.rsplit(".", 1)[0] for k in head_keys(model)}
+    layers = [m for name, m in model.named_modules()
+              if name in heads and isinstance(m, torch.nn.Linear) and m.out_features == num_labels]
+    if not layers:
+        raise ValueError(f"no linear layer with {num_labels} outputs in the model's head ({', '.join(sorted(heads))})")
+    return layers[-1]
+
+
 def evaluate(model, data: Encoded, task: str | TaskSpec, pad_id: int, batch_size: int = 64) -> dict[str, float]:
     return compute_metrics(task, predict(model, data, pad_id, batch_size), data.labels)
 
@@ -208,7 +240,12 @@ def compact_predictions(task: str | TaskSpec, logits: torch.Tensor) -> list:
 
 def scored_split(model, data: Encoded, task: str | TaskSpec, pad_id: int, train_labels: torch.Tensor) -> dict[str, Any]:
     """Metrics, loss, predictions, labels and the trivial predictor's score of one split."""
-    logits = predict(model, data, pad_id)
+    return scored_logits(predict(model, data, pad_id), data, task, train_labels)
+
+
+def scored_logits(logits: torch.Tensor, data: Encoded, task: str | TaskSpec,
+                  train_labels: torch.Tensor) -> dict[str, Any]:
+    """``scored_split`` of logits already predicted."""
     trivial = trivial_predictions(task, train_labels, len(data))
     return {**compute_metrics(task, logits, data.labels), "loss": _loss(task, logits, data.labels),
             "trivial_score": compute_metrics(task, trivial, data.labels)["score"],
@@ -246,7 +283,8 @@ def run(config: GlueRunConfig, rows: dict[str, list[dict]] | None = None, progre
     batches = shuffled_batches(len(train), config.batch_size, config.seed)
     eval_at = {round(total_steps * (i + 1) / (config.eval_points + 1)) for i in range(config.eval_points)}
 
-    watch_curve = [{"step": 0, **watch.evaluate(model, pad_id)}] if watch else []
+    watch_before = watch.scored(model, pad_id) if watch else None
+    watch_curve = [{"step": 0, **_metrics_only(watch_before["validation"])}] if watch else []
     rss_before = status_kb("VmRSS")
     peak_ok = reset_peak_rss()
     losses, grad_norms, step_times, opt_times, eval_curve = [], [], [], [], []
@@ -284,10 +322,13 @@ def run(config: GlueRunConfig, rows: dict[str, list[dict]] | None = None, progre
     eval_curve.append({"step": len(losses), **final})
     watched = None
     if watch:
-        watched = {"task": config.watch_task, **watch.scored(model, pad_id)}
-        watch_curve.append({"step": len(losses), **{k: v for k, v in watched["validation"].items()
-                                                     if k not in ("predictions", "labels")}})
+        after = watch.scored(model, pad_id)
+        watched = {"task": config.watch_task, **{k: v for k, v in after.items() if k != "refit"}}
+        watch_curve.append({"step": len(losses), **_metrics_only(watched["validation"])})
         watched["curve"] = watch_curve
+        if watch.refit_examples:
+            watched["refit"] = {"examples": watch.refit_examples, "before": watch_before["refit"],
+                                "after": after["refit"]}
     saved = None
     if config.save_to is not None and not diverged:
         saved = save_state(model, config.save_to)
@@ -321,6 +362,10 @@ def run(config: GlueRunConfig, rows: dict[str, list[dict]] | None = None, progre
         **shift_report(model, snapshot),
         "machine": machine_info(),  # CPUs differ between sessions and round differently
     }
+
+
+def _metrics_only(split: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in split.items() if k not in ("predictions", "labels")}
 
 
 def load_body(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -357,11 +402,14 @@ def save_state(model: torch.nn.Module, path: str) -> str:
 class WatchedTask:
     """An earlier task scored along a later run with its own head: the head's tensors are copied
     in for each evaluation and the current head's put back after (in place, so the optimizer's
-    parameters and state are untouched)."""
+    parameters and state are untouched). ``scored`` also refits the head's offset and a linear
+    probe on ``refit_examples`` of the task's training examples (``refit``)."""
 
     def __init__(self, spec: TaskSpec, splits: dict[str, Encoded], head: dict[str, torch.Tensor],
-                 train_labels: torch.Tensor):
-        self.spec, self.splits, self.head, self.train_labels = spec, splits, head, train_labels
+                 train: Encoded, refit_examples: int):
+        self.spec, self.splits, self.head, self.train_labels = spec, splits, head, train.labels
+        self.refit_examples = min(refit_examples, len(train))
+        self.refit_train = train.subset(range(self.refit_examples))  # the training order is shuffled already
 
     @classmethod
     def of(cls, config: GlueRunConfig, model: torch.nn.Module, tokenizer,
@@ -374,7 +422,7 @@ class WatchedTask:
             raise ValueError(f"init_from holds no head to watch {config.watch_task!r} with "
                              f"(missing {', '.join(missing)})")
         train, splits = split_data(own, load_task(own.spec, config.data_dir), tokenizer)
-        return cls(own.spec, splits, {k: start[k].clone() for k in heads}, train.labels)
+        return cls(own.spec, splits, {k: start[k].clone() for k in heads}, train, config.watch_refit_examples)
 
     def _with_head(self, model: torch.nn.Module, score):
         current = {k: v.detach().clone() for k, v in model.state_dict().items() if k in self.head}
@@ -389,9 +437,31 @@ class WatchedTask:
         return self._with_head(model, lambda: evaluate(model, self.splits["validation"], self.spec, pad_id))
 
     def scored(self, model: torch.nn.Module, pad_id: int) -> dict[str, dict]:
-        """Every split, with predictions (``scored_split``)."""
-        return self._with_head(model, lambda: {name: scored_split(model, data, self.spec, pad_id, self.train_labels)
-                                               for name, data in self.splits.items()})
+        """Every split, with predictions (``scored_split``), and (``refit_examples`` > 0) ``refit``:
+        per refit way (``offset``, ``probe``), the metrics of every split."""
+        return self._with_head(model, lambda: self._scored(model, pad_id))
+
+    def _scored(self, model: torch.nn.Module, pad_id: int) -> dict[str, dict]:
+        from .refit import LinearProbe, refit_offset
+
+        if not self.refit_examples:
+            return {name: scored_split(model, data, self.spec, pad_id, self.train_labels)
+                    for name, data in self.splits.items()}
+        layer = head_output_layer(model, self.spec.num_labels)
+        seen = {name: predict_with_features(model, data, pad_id, layer)
+                for name, data in {"train": self.refit_train, **self.splits}.items()}
+        offset = refit_offset(seen["train"][0], self.refit_train.labels)
+        probe = LinearProbe(seen["train"][1], self.refit_train.labels, self.spec.num_labels)
+        out: dict[str, dict] = {name: scored_logits(logits, data, self.spec, self.train_labels)
+                                for (name, data), (logits, _) in zip(self.splits.items(),
+                                                                     (seen[n] for n in self.splits))}
+        out["refit"] = {
+            "offset": {name: compute_metrics(self.spec, seen[name][0] + offset, data.labels)
+                       for name, data in self.splits.items()},
+            "probe": {name: compute_metrics(self.spec, probe.logits(seen[name][1]), data.labels)
+                      for name, data in self.splits.items()},
+            "offset_value": offset.tolist()}
+        return out
 
 
 def encoder_of(model) -> torch.nn.Module:
