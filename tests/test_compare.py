@@ -193,6 +193,18 @@ def test_ablation_miniature(tmp_path):
     again = []
     run_ablation(config, execute=in_process(again))
     assert again == []
+    # Render-only reads what is finished and runs nothing: a search with a run missing is still
+    # searching, a missing final seed leaves that variant with the seeds it has.
+    (tmp_path / "abl" / "runs" / "principal_weights" / "lr0.001-seed0.json").unlink()
+    (tmp_path / "abl" / "runs" / "static_mask" / "lr0.001-seed1.json").unlink()
+
+    def refuse(config, path):
+        raise AssertionError(f"render-only ran {path}")
+    partial = run_ablation(config, execute=refuse, render_only=True)
+    assert "principal_weights" not in partial["cells"] and partial["searching"] == {"principal_weights": []}
+    assert partial["cells"]["static_mask"]["seeds"] == [0]
+    assert "| principal_weights | no run finished | searching |" in (tmp_path / "abl" / "ablation.md").read_text()
+    assert not (tmp_path / "abl" / "runs" / "principal_weights" / "lr0.001-seed0.json").exists()
 
 
 def test_slow_runs_are_found_and_set_aside(tmp_path):

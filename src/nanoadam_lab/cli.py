@@ -171,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     abl.add_argument("--reuse", type=Path, help="a `nanoadam compare` output folder whose identical runs are copied")
     abl.add_argument("--threads", type=_positive_int, default=2)
     abl.add_argument("--out", type=Path, default=Path("results/ablation"))
+    abl.add_argument("--render-only", action="store_true", help="run nothing: summarize and render what is finished")
 
     cglue = analyses.add_parser("continual-glue", help="language continual finetuning (MiniLM): task 1, then task 2 "
                                                        "with task 1 scored along the way; frontiers against AdamW")
@@ -597,8 +598,9 @@ def _reproduce_ablation(args) -> int:
                                 reuse=str(args.reuse) if args.reuse else None)
     except ValueError as e:
         raise UsageError(f"nanoadam reproduce ablation: {e}") from None
-    with tqdm(desc="ablation", unit="run") as bar:
-        result = main(config, command=_command_line(), progress=_run_progress(bar, lambda path: path.name))
+    with tqdm(desc="ablation", unit="run", disable=args.render_only) as bar:
+        result = main(config, command=_command_line(), progress=_run_progress(bar, lambda path: path.name),
+                      render_only=args.render_only)
     print((args.out / "ablation.md").read_text())
     return 1 if result["failures"] else 0
 

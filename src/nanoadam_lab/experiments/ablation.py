@@ -35,6 +35,7 @@ from .compare import (
     LR_GRIDS,
     RunLedger,
     _grid_row,
+    _load,
     _paired,
     budget_settings,
     reuse_run,
@@ -101,7 +102,13 @@ class AblationConfig:
                              optimizer_overrides=overrides, **settings)
 
 
-def run(config: AblationConfig, execute=None, progress=None) -> dict:
+class _Unfinished(Exception):
+    """A run that a render-only summary needs is not on disk yet."""
+
+
+def run(config: AblationConfig, execute=None, progress=None, render_only: bool = False) -> dict:
+    """Runs (or resumes) every variant; ``render_only``: runs nothing and summarizes the finished
+    run files (a search with a run still missing is reported as searching, finals as far as done)."""
     out = Path(config.out)
     table = config.variants()
     own = [name for name, (_, _, rate) in table.items() if rate == "own"]
@@ -111,14 +118,34 @@ def run(config: AblationConfig, execute=None, progress=None) -> dict:
     def ensure(name: str, lr: float, seed: int) -> dict | None:
         run_cfg = config.run_config(name, lr, seed)
         path = out / "runs" / name / f"lr{lr:g}-seed{seed}.json"
+        if render_only:
+            if (found := _load(path)) is None:
+                raise _Unfinished(path)
+            return found
         reuse_run(Path(config.reuse) if config.reuse else None, run_cfg, path)
         return ledger.ensure(run_cfg, path)
 
+    def finished(name: str, lr: float, seed: int) -> dict | None:
+        try:
+            return ensure(name, lr, seed)
+        except _Unfinished:
+            return None
+
     chosen: dict[str, float | None] = {}
     searches: dict[str, dict[float, dict]] = {}
+    searching: dict[str, list[dict]] = {}  # render-only: the variants whose search has a run still to do
     for name in own:
-        searches[name], chosen[name] = search_rate(lambda lr, n=name: ensure(n, lr, 0),
-                                                   config.lr_grids[table[name][0]], config.max_extensions)
+        seen: dict[float, dict] = {}
+
+        def search_run(lr: float, n: str = name, seen: dict = seen) -> dict | None:
+            seen[lr] = ensure(n, lr, 0)
+            return seen[lr]
+        try:
+            searches[name], chosen[name] = search_rate(search_run, config.lr_grids[table[name][0]],
+                                                       config.max_extensions)
+        except _Unfinished:
+            chosen[name] = None
+            searching[name] = [_grid_row(seen[x]) for x in sorted(seen) if seen[x] and "config" in seen[x]]
     for name, (_, _, rate) in table.items():
         if rate != "own":
             chosen[name] = chosen.get(rate)
@@ -127,7 +154,8 @@ def run(config: AblationConfig, execute=None, progress=None) -> dict:
         lr = chosen[name]
         if lr is None:
             continue
-        finals = [r for seed in range(config.seeds) if (r := ensure(name, lr, seed)) is not None and "validation" in r]
+        finals = [r for seed in range(config.seeds)
+                  if (r := finished(name, lr, seed)) is not None and "validation" in r]
         if not finals:
             continue
         cells[name] = {
@@ -152,7 +180,7 @@ def run(config: AblationConfig, execute=None, progress=None) -> dict:
     extra = {}
     if {"random_weights", "large_weights"} <= set(cells):  # Fig. 4a's order: small > random > large
         extra["random_minus_large"] = {"score": _paired(cells["random_weights"], cells["large_weights"], "scores")}
-    return {"config": asdict(config), "cells": cells, **extra, "failures": ledger.failures}
+    return {"config": asdict(config), "cells": cells, **extra, "searching": searching, "failures": ledger.failures}
 
 
 def render(result: dict, out_dir: str) -> list[Path]:
@@ -196,6 +224,9 @@ def render(result: dict, out_dir: str) -> list[Path]:
     searches = [[name, ", ".join(f"{g['lr']:g}: {100 * g['heldout']:.2f} (loss {g['heldout_loss']:.3f})"
                                  for g in cell["grid"]), f"{cell['lr']:g}"]
                 for name, cell in cells.items() if "grid" in cell]
+    searches += [[name, ", ".join(f"{g['lr']:g}: {100 * g['heldout']:.2f} (loss {g['heldout_loss']:.3f})"
+                                  for g in grid) or "no run finished", "searching"]
+                 for name, grid in result.get("searching", {}).items()]
     sections += ["## Rate searches (seed 0, held-out slice)", "",
                  ex.markdown_table(["variant", "held-out score per rate", "chosen"], searches), ""]
     figure = plot(result, Path(out_dir))
@@ -204,9 +235,11 @@ def render(result: dict, out_dir: str) -> list[Path]:
     return [figure, ex.write_markdown(out_dir, "ablation", title, result, sections)]
 
 
-def main(config: AblationConfig, command: str | None = None, execute=None, progress=None) -> dict:
-    """Runs (or resumes) the ablation, writes ``ablation.json`` to ``config.out`` and renders from it."""
-    result = {"command": command, "machine": ex.machine_info(), **run(config, execute, progress)}
+def main(config: AblationConfig, command: str | None = None, execute=None, progress=None,
+         render_only: bool = False) -> dict:
+    """Runs (or resumes) the ablation (``render_only``: only reads what is finished), writes
+    ``ablation.json`` to ``config.out`` and renders from it."""
+    result = {"command": command, "machine": ex.machine_info(), **run(config, execute, progress, render_only)}
     ex.write_result(config.out, "ablation", result)
     render(ex.read_result(config.out, "ablation"), config.out)
     return result
