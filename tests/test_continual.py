@@ -24,7 +24,8 @@ def finished(tmp_path_factory):
 def test_result_has_frontiers_tuned_rates_and_intervals(finished):
     out, written = finished
     result = json.loads((out / "continual.json").read_text())
-    assert {p.name for p in written} == {"continual.json", "continual.md", "continual_dissimilar.png"}
+    assert {p.name for p in written} == {"continual.json", "continual.md", "continual_dissimilar.png",
+                                         "continual_dissimilar_probe.png"}
     for m in result["methods"].values():
         grid = m["task2"]["dissimilar"]["grid"]
         assert len(grid) >= 2 and m["task2"]["dissimilar"]["tuned_lr"] in [g["lr"] for g in grid.values()]
@@ -42,6 +43,13 @@ def test_result_has_frontiers_tuned_rates_and_intervals(finished):
         d = row[key]
         assert d["n"] == 2 and d["lo"] <= d["mean"] <= d["hi"]
     assert "95 % interval" in (out / "continual.md").read_text()
+    # Task 1 also read by a probe and an offset refit on the body, before and after task 2.
+    for g in result["methods"]["adamw"]["task2"]["dissimilar"]["grid"].values():
+        assert len(g["task1_after_probe"]) == 2 and all(0 <= x <= 1 for x in g["task1_after_probe"])
+        assert g["forgetting_probe"] == [b - a for b, a in zip(g["task1_before_probe"], g["task1_after_probe"])]
+    assert row["task1_after_probe"]["n"] == 2 and "retention_at_equal_task2_probe" in row
+    assert set(row["frontier_dominance_probe"]) == set(row["frontier_dominance"])
+    assert "Task 1 read by a refit probe" in (out / "continual.md").read_text()
     # one file per run: task 1 over the first seed's grid, task 2 over every rate and seed
     for method, m in result["methods"].items():
         n1 = len(list((out / "runs" / "task1" / method).glob("*.json")))
@@ -117,7 +125,8 @@ def test_demo_prints_the_frontier_tables(tmp_path, capsys):
 
     written = run_demo(str(tmp_path), seed=1, progress=False, channels=(4, 8, 8), widths=(16, 8), pretrain_epochs=1,
                        epochs=0.5, seeds=2, task2=["dissimilar"], max_grid_extensions=0)
-    assert {p.name for p in written} == {"continual.json", "continual.md", "continual_dissimilar.png"}
+    assert {p.name for p in written} == {"continual.json", "continual.md", "continual_dissimilar.png",
+                                         "continual_dissimilar_probe.png"}
     printed = capsys.readouterr().out
     assert "| adamw |" in printed and "| nanoadam-1% |" in printed and "95 % interval" in printed
     assert "## Settings" not in printed
@@ -138,3 +147,15 @@ def test_head_only_control_leaves_the_body_untouched():
     continual.train_stage(model, data, "dissimilar", "head-only", 1e-2, 0, cfg)
     assert all(torch.equal(p, body[n]) for n, p in model.named_parameters() if not n.startswith("fc."))
     assert "head-only" in continual.ContinualConfig().methods
+
+
+def test_a_run_file_without_the_newer_measures_is_computed_again_unless_read_only(tmp_path):
+    settings = {"epochs": 1}
+    continual.Runs(tmp_path, settings).get("x", "lr1-seed0", compute=lambda: {"old": 1})
+    complete = lambda r: "new" in r  # noqa: E731
+    assert continual.Runs(tmp_path, settings, read_only=True).get("x", "lr1-seed0", compute=None,
+                                                                  complete=complete) == {"old": 1}
+    assert continual.Runs(tmp_path, settings).get("x", "lr1-seed0", compute=lambda: {"new": 2},
+                                                   complete=complete) == {"new": 2}
+    assert continual.Runs(tmp_path, settings).get("x", "lr1-seed0", compute=lambda: {"never": 3},
+                                                   complete=complete) == {"new": 2}

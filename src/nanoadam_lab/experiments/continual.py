@@ -27,6 +27,11 @@ Protocol, the same for every method (a registry optimizer at a density), no one 
   95 % t-intervals; and retention at equal task-2 score against AdamW's frontier
   (``analysis.frontier``). Test images are never used to choose anything.
 
+Task 1 after task 2 is also read by a linear probe refit on the body's features and by the old
+head with its offset refit (``task1_refit``, ``refit.py``), both fit on task 1's training images:
+the old head alone can fail because the features moved while the body still holds task 1. Run
+files made before these measures are computed again when the experiment resumes.
+
 BatchNorm running statistics are buffers, updated by the forward passes of task 2 under every
 optimizer alike (as in the paper's ResNets). Runs are written one file each under
 ``out_dir/runs`` as they finish, and a rerun resumes from them.
@@ -207,6 +212,25 @@ def evaluate(model: nn.Module, data: Digits, task: str, indices: list[int]) -> d
             "loss": loss if math.isfinite(loss) else math.inf}
 
 
+@torch.no_grad()
+def task1_refit(model: nn.Module, data: Digits, indices: list[int]) -> dict[str, float]:
+    """Task-1 accuracy on ``indices`` with the current head's offset refit, and with a linear probe
+    refit on the body's features (the input of ``fc``), both fit on the training images
+    (``refit``: the old head alone can read a readout that no longer fits rather than lost features)."""
+    from .refit import LinearProbe, refit_offset
+
+    x, y = data.tasks["task1"]
+    model.eval()
+    fit_x, eval_x = x[torch.tensor(data.fit)], x[torch.tensor(indices)]
+    fit_features, eval_features = model.neck(model.features(fit_x)), model.neck(model.features(eval_x))
+    model.train()
+    fit_y, eval_y = y[torch.tensor(data.fit)], y[torch.tensor(indices)]
+    offset = refit_offset(model.fc(fit_features), fit_y)
+    probe = LinearProbe(fit_features, fit_y, 5)
+    return {"offset": float(((model.fc(eval_features) + offset).argmax(-1) == eval_y).float().mean()),
+            "probe": float((probe.logits(eval_features).argmax(-1) == eval_y).float().mean())}
+
+
 def train_stage(model: nn.Module, data: Digits, task: str, method: str, lr: float, seed: int,
                 cfg: ContinualConfig) -> dict:
     """A new head (seeded), then the recipe with a fresh optimizer on ``task``'s training images."""
@@ -272,11 +296,14 @@ class Runs:
     def __init__(self, root: Path, settings: dict, read_only: bool = False):
         self.root, self.settings, self.read_only = root, settings, read_only
 
-    def get(self, *parts: str, compute) -> dict:
+    def get(self, *parts: str, compute, complete=None) -> dict:
+        """``complete(record)``: whether a stored record holds everything this version measures; an
+        incomplete one is computed again (or, read-only, returned as it is)."""
         path = self.root.joinpath(*parts[:-1], parts[-1] + ".json")  # not with_suffix: "lr0.001" has a dot
         if path.exists():
             stored = json.loads(path.read_text())
-            if stored.get("settings") == self.settings:
+            if stored.get("settings") == self.settings and (self.read_only or complete is None
+                                                            or complete(stored["record"])):
                 return stored["record"]
         if self.read_only:
             raise MissingRun(str(path))
@@ -360,6 +387,7 @@ def _method(cfg: ContinualConfig, method: str, data: Digits, pretrained: nn.Modu
                 model = copy.deepcopy(task1_model(seed))
                 head1 = copy.deepcopy(model.fc)
                 before = evaluate(model, data, "task1", data.test)
+                refit_before = task1_refit(model, data, data.test)
                 info = train_stage(model, data, kind, method, lr, seed, cfg)
                 record = {**info, "task1_before": before["accuracy"],
                           "task2_heldout": evaluate(model, data, kind, data.heldout),
@@ -367,8 +395,10 @@ def _method(cfg: ContinualConfig, method: str, data: Digits, pretrained: nn.Modu
                 model.fc = head1  # the task-1 head, as it was after task 1
                 record["task1_after_heldout"] = evaluate(model, data, "task1", data.heldout)
                 record["task1_after_test"] = evaluate(model, data, "task1", data.test)
+                record["task1_refit_test"] = {"before": refit_before, "after": task1_refit(model, data, data.test)}
                 return record
-            record = runs.get(kind, method, f"lr{lr:g}-seed{seed}", compute=compute)
+            record = runs.get(kind, method, f"lr{lr:g}-seed{seed}", compute=compute,
+                              complete=lambda r: "task1_refit_test" in r)
             tick(f"{method} {kind} lr {lr:g} seed {seed}")
             return record
 
@@ -393,9 +423,20 @@ def summarize_cells(cells: dict[float, list[dict]]) -> dict:
                                             else math.inf for r in records],
                            "diverged": sum(bool(r["diverged"]) for r in records),
                            "mean_task2": statistics.fmean(task2), "mean_task1_after": statistics.fmean(after)}
+        if all("task1_refit_test" in r for r in records):  # run files made before the refits lack them
+            probe = [r["task1_refit_test"]["after"]["probe"] for r in records]
+            probe_before = [r["task1_refit_test"]["before"]["probe"] for r in records]
+            grid[f"{lr:g}"].update({
+                "task1_after_probe": probe, "task1_before_probe": probe_before,
+                "task1_after_offset": [r["task1_refit_test"]["after"]["offset"] for r in records],
+                "forgetting_probe": [b - a for b, a in zip(probe_before, probe)],
+                "mean_task1_after_probe": statistics.fmean(probe)})
     tuned = _best({g["lr"]: g["heldout_loss"] for g in grid.values()})
     return {"grid": grid, "tuned_lr": tuned, "tuned_at_edge": rate_beyond_edge([g["lr"] for g in grid.values()], tuned)
             is not None}
+
+
+PROBE_KEYS = ("task1_after_probe", "task1_after_offset", "forgetting_probe")
 
 
 def compare(methods: dict, kinds: list[str]) -> list[dict]:
@@ -408,27 +449,32 @@ def compare(methods: dict, kinds: list[str]) -> list[dict]:
     for kind in kinds:
         ref = methods[REFERENCE]["task2"][kind]
         ref_cell = ref["grid"][f"{ref['tuned_lr']:g}"]
-        reference = {"grid": [{"validation": g["mean_task2"], "retention": g["mean_task1_after"]}
-                              for g in ref["grid"].values()]}
         for method, m in methods.items():
             if method == REFERENCE:
                 continue
             k = m["task2"][kind]
             cell = k["grid"][f"{k['tuned_lr']:g}"]
             row = {"kind": kind, "method": method}
-            for metric in ("task2", "task1_after", "forgetting"):
-                row[metric] = judged_difference([a - b for a, b in zip(cell[metric], ref_cell[metric])])
-            equal = retention_at_equal_score({"scores": cell["task2"], "retention": cell["task1_after"]}, reference)
-            equal.pop("front")
-            row["retention_at_equal_task2"] = equal
-            # Every rate ran every seed, so each of the method's frontier points can be set against
-            # each of AdamW's, paired by seed, on both axes at once.
-            adamw_points = {lr: {"score": g["task2"], "retention": g["task1_after"]} for lr, g in ref["grid"].items()}
-            row["frontier_dominance"] = {}
-            for lr, g in k["grid"].items():
-                found = paired_dominance({"score": g["task2"], "retention": g["task1_after"]}, adamw_points)
-                found.pop("pairs")
-                row["frontier_dominance"][lr] = found
+            for metric in ("task2", "task1_after", "forgetting", *PROBE_KEYS):
+                if metric in cell and metric in ref_cell:
+                    row[metric] = judged_difference([a - b for a, b in zip(cell[metric], ref_cell[metric])])
+            # Task 1 after, with its old head (the paper's measure) and, where measured, with a probe refit.
+            for after, suffix in (("task1_after", ""), ("task1_after_probe", "_probe")):
+                if not all(after in g for grid in (k["grid"], ref["grid"]) for g in grid.values()):
+                    continue
+                reference = {"grid": [{"validation": g["mean_task2"], "retention": g[f"mean_{after}"]}
+                                      for g in ref["grid"].values()]}
+                equal = retention_at_equal_score({"scores": cell["task2"], "retention": cell[after]}, reference)
+                equal.pop("front")
+                row[f"retention_at_equal_task2{suffix}"] = equal
+                # Every rate ran every seed, so each of the method's frontier points can be set against
+                # each of AdamW's, paired by seed, on both axes at once.
+                adamw_points = {lr: {"score": g["task2"], "retention": g[after]} for lr, g in ref["grid"].items()}
+                row[f"frontier_dominance{suffix}"] = {}
+                for lr, g in k["grid"].items():
+                    found = paired_dominance({"score": g["task2"], "retention": g[after]}, adamw_points)
+                    found.pop("pairs")
+                    row[f"frontier_dominance{suffix}"][lr] = found
             rows.append(row)
     return rows
 
@@ -465,6 +511,7 @@ def render(result: dict, out_dir: str) -> list[Path]:
                      for method, m in result["methods"].items()]
         name = f"continual_{kind}.png"
         written.append(plot_frontiers(result, kind, Path(out_dir) / name))
+        probed = [r for r in result["comparisons"] if r["kind"] == kind and "task1_after_probe" in r]
         sections += [f"## Task 2: {kind} (rotated {TASK2[kind]:g} degrees)", "",
                      ex.markdown_table(["method", "task-1 rate", "task-2 rate (held-out loss)", "task 1", "task 2",
                                         "task 1 after", "forgetting"], rows), "",
@@ -482,24 +529,49 @@ def render(result: dict, out_dir: str) -> list[Path]:
                      ex.markdown_table(["method", "rate", "beaten on both axes by AdamW at", "beats AdamW at"],
                                        _dominance_rows(result, kind)), "",
                      f"![{kind}]({name})", ""]
+        if probed:
+            probe_name = f"continual_{kind}_probe.png"
+            written.append(plot_frontiers(result, kind, Path(out_dir) / probe_name, "mean_task1_after_probe"))
+            means = [[method, *(percent_mean_std(c[key], 1) for key in ("task1_before_probe", "task1_after_probe",
+                                                                          "task1_after_offset"))]
+                     for method, m in result["methods"].items()
+                     if "task1_after_probe" in (c := m["task2"][kind]["grid"][f"{m['task2'][kind]['tuned_lr']:g}"])]
+            comp_probe = [[r["method"], *(x for key in ("task1_after_probe", "task1_after_offset",
+                                                        "retention_at_equal_task2_probe")
+                                          for x in (percent_interval(r[key], 1, with_verdict=False),
+                                                    r[key]["verdict"])),
+                           f"{r['retention_at_equal_task2_probe']['seeds_above_front']} / "
+                           f"{r['retention_at_equal_task2_probe']['seeds_below_front']}"] for r in probed]
+            sections += [f"### Task 1 read by a refit probe ({kind})", "",
+                         "The same runs, task 1 scored on the test images by a linear probe refit on the body's "
+                         "features (the input of `fc`) and by the old head with its offset refit, both fit on the "
+                         "task-1 training images (`refit.py`). The old head can fail because the features moved "
+                         "while the body still holds task 1; the probe reads what the body holds.", "",
+                         ex.markdown_table(["method", "probe before", "probe after", "offset refit after"], means), "",
+                         ex.markdown_table(["method", "probe after", "", "offset refit after", "",
+                                            "probe at equal task 2", "", "outside AdamW's range"], comp_probe), "",
+                         ex.markdown_table(["method", "rate", "probe: beaten on both axes by AdamW at",
+                                            "probe: beats AdamW at"], _dominance_rows(result, kind, "_probe")), "",
+                         f"![{kind} probe]({probe_name})", ""]
     sections += ["## Settings", "", ex.settings_table(cfg)]
     title = "Vision continual finetuning: frontiers of new-task accuracy against old-task retention"
     return [*written, ex.write_markdown(out_dir, "continual", title, result, sections)]
 
 
-def _dominance_rows(result: dict, kind: str) -> list[list[str]]:
+def _dominance_rows(result: dict, kind: str, suffix: str = "") -> list[list[str]]:
     rows = []
     for r in result["comparisons"]:
-        if r["kind"] != kind or "frontier_dominance" not in r:
+        if r["kind"] != kind or f"frontier_dominance{suffix}" not in r:
             continue
-        for lr, d in r["frontier_dominance"].items():
+        for lr, d in r[f"frontier_dominance{suffix}"].items():
             rows.append([r["method"], lr, ", ".join(d["dominated_by"]) or "-", ", ".join(d["dominates"]) or "-"])
     return rows
 
 
-def plot_frontiers(result: dict, kind: str, path: Path) -> Path:
-    """Task-1 accuracy after task 2 against task-2 accuracy, one line per method over its rates
-    (grid means), a panel per density (AdamW in each)."""
+def plot_frontiers(result: dict, kind: str, path: Path, after: str = "mean_task1_after") -> Path:
+    """Task-1 accuracy after task 2 (``after``: with the old head, or ``mean_task1_after_probe``)
+    against task-2 accuracy, one line per method over its rates (grid means), a panel per density
+    (AdamW in each)."""
     plt = ex.pyplot()
     methods = list(result["methods"])
     groups = sorted({m.rsplit("-", 1)[1] for m in methods if m.endswith("%")}) or [""]
@@ -508,14 +580,15 @@ def plot_frontiers(result: dict, kind: str, path: Path) -> Path:
         for method in methods:
             if method.endswith("%") and not method.endswith("-" + density):  # AdamW and the control: every panel
                 continue
-            grid = result["methods"][method]["task2"][kind]["grid"]
+            grid = {lr: g for lr, g in result["methods"][method]["task2"][kind]["grid"].items() if after in g}
             xs = [100 * g["mean_task2"] for g in grid.values()]
-            ys = [100 * g["mean_task1_after"] for g in grid.values()]
+            ys = [100 * g[after] for g in grid.values()]
             (line,) = ax.plot(xs, ys, marker="o", label=method)
             for lr, x, y in zip(grid, xs, ys):
                 ax.annotate(lr, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7, color=line.get_color())
         ax.set_xlabel(f"task 2 ({kind}) test accuracy, %")
-        ax.set_ylabel("task 1 test accuracy after task 2, %")
+        probe = " (probe refit)" if after != "mean_task1_after" else ""
+        ax.set_ylabel(f"task 1 test accuracy after task 2, %{probe}")
         ax.set_title(f"density {density}" if density else kind, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
