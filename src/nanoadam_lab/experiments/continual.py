@@ -536,7 +536,7 @@ def render(result: dict, out_dir: str) -> list[Path]:
                                                                           "task1_after_offset"))]
                      for method, m in result["methods"].items()
                      if "task1_after_probe" in (c := m["task2"][kind]["grid"][f"{m['task2'][kind]['tuned_lr']:g}"])]
-            comp_probe = [[r["method"], *(x for key in ("task1_after_probe", "task1_after_offset",
+            comp_probe = [[r["method"], *(x for key in ("task1_after_probe", "forgetting_probe", "task1_after_offset",
                                                         "retention_at_equal_task2_probe")
                                           for x in (percent_interval(r[key], 1, with_verdict=False),
                                                     r[key]["verdict"])),
@@ -548,7 +548,8 @@ def render(result: dict, out_dir: str) -> list[Path]:
                          "task-1 training images (`refit.py`). The old head can fail because the features moved "
                          "while the body still holds task 1; the probe reads what the body holds.", "",
                          ex.markdown_table(["method", "probe before", "probe after", "offset refit after"], means), "",
-                         ex.markdown_table(["method", "probe after", "", "offset refit after", "",
+                         ex.markdown_table(["method", "probe after", "", "probe forgetting", "",
+                                            "offset refit after", "",
                                             "probe at equal task 2", "", "outside AdamW's range"], comp_probe), "",
                          ex.markdown_table(["method", "rate", "probe: beaten on both axes by AdamW at",
                                             "probe: beats AdamW at"], _dominance_rows(result, kind, "_probe")), "",
