@@ -4,7 +4,8 @@ from __future__ import annotations
 
 
 def checkpoint_activations(model) -> None:
-    """Activation (gradient) checkpointing of every layer, non-reentrant: under the name transformers 5 gives it, or the older ``gradient_checkpointing_enable``."""
+    """Activation (gradient) checkpointing of every layer, non-reentrant: under the name transformers 5
+    gives it, or the older ``gradient_checkpointing_enable``."""
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:

@@ -211,8 +211,8 @@ def _child(variant: str, hidden: int, dtype: str, seq: int, steps: int, threads:
         losses.append(loss.item())
         times.append(time.perf_counter() - t0)
     return {"before_model_bytes": before_model, "peak_bytes": status_kb("VmHWM") * 1024,
-            "params": sum(p.numel() for p in model.parameters()), "state_bytes": optimizer_state_bytes(bundle.optimizer),
-            "losses": losses, "step_s": times}
+            "params": sum(p.numel() for p in model.parameters()),
+            "state_bytes": optimizer_state_bytes(bundle.optimizer), "losses": losses, "step_s": times}
 
 
 def _rss_bytes(pid: int) -> int | None:
@@ -273,14 +273,14 @@ def run(config: FitConfig, progress=None) -> dict:
     budget = config.budget_bytes
     results = {}
     for variant in config.variants:
-        def predicted(hidden):
+        def predicted(hidden, variant=variant):  # bound now: the closures are called within this iteration
             return formula_bytes(variant, decoder_config(hidden), dtype=config.dtype, seq=config.seq,
                                  baseline_bytes=baseline)
         fitting = [h for h in ladder if predicted(h)["total"] <= budget]
         start = fitting[-1] if fitting else ladder[0]
         probes = {}
 
-        def measure(hidden):
+        def measure(hidden, variant=variant, probes=probes):
             if hidden not in probes:
                 probes[hidden] = {**probe(variant, hidden, config), "formula": predicted(hidden)}
                 if progress is not None:
@@ -329,7 +329,8 @@ def format_table(result: dict) -> str:
              "| optimizer | largest that trains (measured) | x fused AdamW | formula's largest |",
              "|---|---|---|---|"]
     for v, r in result["results"].items():
-        measured = f"{r['largest_params'] / 1e9:.2f} B (hidden {r['largest_hidden']})" if r["largest_hidden"] else "none"
+        measured = (f"{r['largest_params'] / 1e9:.2f} B (hidden {r['largest_hidden']})"
+                    if r["largest_hidden"] else "none")
         if r.get("lower_bound"):
             measured = "at least " + measured + ", the ladder's end"
         formula = (f"{r['formula_largest_params'] / 1e9:.2f} B (hidden {r['formula_largest_hidden']})"
@@ -337,8 +338,8 @@ def format_table(result: dict) -> str:
         x = f"{r['x_adamw']:.2f}" if r["x_adamw"] else "-"
         lines.append(f"| {v} | {measured} | {x} | {formula} |")
     lines += ["", "Every probe (peak: measured; formula: baseline + weights + gradients + state + activations):", "",
-              "| optimizer | hidden | parameters | outcome | peak (GiB) | formula (GiB) | state measured / formula (GiB) "
-              "| seconds a step |", "|---|---|---|---|---|---|---|---|"]
+              "| optimizer | hidden | parameters | outcome | peak (GiB) | formula (GiB) "
+              "| state measured / formula (GiB) | seconds a step |", "|---|---|---|---|---|---|---|---|"]
     for v, r in result["results"].items():
         for p in r["probes"]:
             peak = _gib(p["peak_bytes"]) if "peak_bytes" in p else "-"
@@ -349,7 +350,8 @@ def format_table(result: dict) -> str:
                          f"{_gib(p['formula']['total'])} | {state} | {step} |")
     seven = result["llama2_7b_bf16_formula"]
     lines += ["", f"LLaMA-2 7B ({seven['params'] / 1e9:.2f} B parameters), bf16 weights, batch 1 x {c['seq']}, "
-              "by the formula (runtime, CUDA context and allocator slack not counted), against one 24 GB GPU (24 GiB):", "",
+              "by the formula (runtime, CUDA context and allocator slack not counted), "
+              "against one 24 GB GPU (24 GiB):", "",
               "| optimizer | weights | gradients | state | activations | total (GiB) | fits 24 GB |",
               "|---|---|---|---|---|---|---|"]
     for v, parts in seven["bytes"].items():
