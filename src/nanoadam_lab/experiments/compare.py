@@ -144,12 +144,14 @@ def run_path(out: Path, task: str, optimizer: str, lr: float, seed: int, tied: d
     return out / "runs" / task / optimizer / f"lr{lr:g}{extra}-seed{seed}.json"
 
 
-def reuse_run(source: Path | None, config: GlueRunConfig, path: Path) -> bool:
+def reuse_run(source: Path | None, config: GlueRunConfig, path: Path,
+              rate_ties: dict[str, dict[str, str]] = RATE_TIES) -> bool:
     """Copies ``config``'s run file from another comparison's folder ``source`` to ``path`` when a
-    run there was made with exactly these settings (``glue.same_run``); whether it did."""
+    run there was made with exactly these settings (``glue.same_run``); whether it did.
+    ``rate_ties`` are the source comparison's: they name its files (the default ones unless it set others)."""
     if source is None or path.exists():
         return False
-    tied = {k: config.optimizer_overrides[k] for k in RATE_TIES.get(config.optimizer, {})
+    tied = {k: config.optimizer_overrides[k] for k in rate_ties.get(config.optimizer, {})
             if k in config.optimizer_overrides}
     origin = run_path(source, config.task, config.optimizer, config.lr, config.seed, tied)
     if not origin.exists() or not same_run(json.loads(origin.read_text())["config"], config):
