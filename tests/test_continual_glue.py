@@ -120,7 +120,10 @@ def _fake_runs(calls, saved_sha=lambda config: "sha-" + config.save_to, diverge=
         split = {"score": score, "loss": 1.0, "predictions": [1, 0], "labels": [1, 0], "trivial_prediction": 0}
         watch = None
         if config.watch_task:
-            watch = {"validation": {"score": 0.6}, "curve": [{"step": 0, "score": 0.7}]}
+            watch = {"validation": {"score": 0.6}, "curve": [{"step": 0, "score": 0.7}],
+                     "refit": {"examples": 10, **{when: {way: {"validation": {"score": score}}
+                                                         for way in ("offset", "probe")}
+                                                  for when, score in (("before", 0.75), ("after", 0.65))}}}
         _write_atomic(path, {"config": asdict(config), "score": score, "metrics": {"score": score, "loss": 1.0,
                                                                                     "diverged": diverged},
                              "validation": split, "heldout": split, "retention": 0.8, "watch": watch,
@@ -165,6 +168,31 @@ def test_continual_glue_diverged_and_rebuilt_task1_models(tmp_path):
     result = main(config, execute=_fake_runs(calls), render_only=True)
     assert result["methods"]["adamw"]["init_mismatches"] == ["lr0.001-seed0"]
     assert "Rebuilt task-1 models" in (out / "continual_glue.md").read_text()
+
+
+def test_continual_glue_reruns_task2_runs_made_before_the_refits(tmp_path):
+    out = tmp_path / "cg"
+    config = ContinualGlueConfig(task1="rte", task2="mrpc", methods=["adamw", "nanoadam"], seeds=2, frontier_seeds=2,
+                                 out=str(out), lr_grids={"adamw": [1e-4, 1e-3], "nanoadam": [1e-3]},
+                                 max_extensions=0, overrides={"retention_probe": False})
+    calls = []
+    main(config, execute=_fake_runs(calls))
+    stale = out / "runs/task2/nanoadam/from-lr0.001/lr0.001-seed1.json"
+    record = json.loads(stale.read_text())
+    del record["watch"]["refit"]
+    stale.write_text(json.dumps(record))
+    # Read as it is, that point has no probe mean: seed 0's alone would not pair with the task-2 mean.
+    result = main(config, execute=_fake_runs(calls), render_only=True)
+    (point,) = result["methods"]["nanoadam"]["frontier"]
+    assert point["mean_task1_after_probe"] is None and point["mean_task1_after"] == pytest.approx(0.6)
+    assert result["comparisons"]["nanoadam"]["frontier_dominance_probe"] == {"0.001": None}
+    assert "not measured" in (out / "continual_glue.md").read_text()
+    calls.clear()
+    result = main(config, execute=_fake_runs(calls))
+    assert calls == [stale]  # only the file without the refits runs again
+    assert "refit" in json.loads(stale.read_text())["watch"] and not list(out.rglob("*.old"))
+    (point,) = result["methods"]["nanoadam"]["frontier"]
+    assert point["mean_task1_after_probe"] == pytest.approx(0.65)
 
 
 def test_frontier_dominance_pairs_the_seeds_both_points_ran():

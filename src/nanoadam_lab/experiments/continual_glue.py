@@ -179,12 +179,24 @@ def run(config: ContinualGlueConfig, execute=None, progress=None) -> dict:
         return saved_runs[(method, seed)]
 
     def task2(method: str, lr1: float, lr: float, seed: int) -> dict | None:
+        run_config = config.task2_config(method, lr1, lr, seed)
         path = _task2_dir(out, method, lr1) / f"lr{lr:g}-seed{seed}.json"
-        if not path.exists():
+        old = _load(path)
+        outdated = old is not None and _lacks_refit(old, run_config)
+        if old is None or outdated:
             saved = task1_model(method, lr1, seed)
             if saved is None or not saved.get("saved_sha256"):
-                return None  # task 1 failed or diverged at this seed: nothing to continue from
-        return ledger.ensure(config.task2_config(method, lr1, lr, seed), path)
+                return old  # task 1 failed or diverged at this seed: nothing to continue from
+        if outdated:  # made before the refit measures: run again, the old record kept until the new one is in
+            aside = path.with_name(path.name + ".old")
+            path.replace(aside)
+            new = ledger.ensure(run_config, path)
+            if new is None:
+                aside.replace(path)
+                return old
+            aside.unlink()
+            return new
+        return ledger.ensure(run_config, path)
 
     for method in config.methods:
         _, lr1 = search_rate(lambda lr, m=method: task1(m, lr), grids[method], config.max_extensions)
@@ -197,6 +209,12 @@ def run(config: ContinualGlueConfig, execute=None, progress=None) -> dict:
                 if seed < config.frontier_seeds or lr == lr2:
                     task2(method, lr1, lr, seed)
     return {**summarize(config), "failures": ledger.failures, "rebuilt_models": rebuilt}
+
+
+def _lacks_refit(run: dict, config: GlueRunConfig) -> bool:
+    """A task-2 run file made before the refit measures (``glue.same_run`` counts it as this run,
+    since the field it lacks takes its default, but its record has no ``watch.refit``)."""
+    return bool(config.watch_refit_examples) and "refit" not in (run.get("watch") or {})
 
 
 def _runs(folder: Path, seeds: int) -> list[dict]:
@@ -233,6 +251,12 @@ def _task2_record(run: dict) -> dict:
 # Task 1 after task 2, three ways (``refit``): with its own head (the paper's measure), with that
 # head's offset refit, with a linear probe refit on the body's features.
 TASK1_AFTER = ("task1_after", "task1_after_offset", "task1_after_probe")
+REFIT_KEYS = ("task1_after_offset", "task1_after_probe", "forgetting_probe")
+
+
+def _mean_of_all(values) -> float | None:
+    values = list(values)
+    return None if not values or None in values else sum(values) / len(values)
 
 
 def summarize(config: ContinualGlueConfig) -> dict:
@@ -262,7 +286,10 @@ def summarize(config: ContinualGlueConfig) -> dict:
             records = sorted((x for x in by_rate[lr] if x["seed"] < config.frontier_seeds), key=lambda x: x["seed"])
             frontier.append({"lr": lr, "seeds": [x["seed"] for x in records],
                              **{f"mean_{k}": _mean_or_none(x[k] for x in records)
-                                for k in ("task2", *TASK1_AFTER, "retention", "forgetting", "forgetting_probe")},
+                                for k in ("task2", "task1_after", "retention", "forgetting")},
+                             # a refit's mean only over every seed of the point, so that it pairs with
+                             # the task-2 mean (a folder with older run files lacks some)
+                             **{f"mean_{k}": _mean_of_all(x[k] for x in records) for k in REFIT_KEYS},
                              "per_seed": {k: [x[k] for x in records] for k in ("task2", *TASK1_AFTER, "retention")},
                              "diverged": sum(x["diverged"] for x in records)})
         tuned = sorted(by_rate.get(lr2, []), key=lambda x: x["seed"]) if lr2 is not None else []
@@ -314,7 +341,9 @@ def compare_methods(methods: dict[str, dict]) -> dict[str, dict]:
             equal.pop("front")
             row[f"{key}_at_equal_task2"] = equal
         row["frontier_dominance"] = {f"{p['lr']:g}": _dominance(p, ref["frontier"]) for p in m["frontier"]}
+        # None where no probe was measured (older run files), so that it reads apart from "dominates nothing"
         row["frontier_dominance_probe"] = {f"{p['lr']:g}": _dominance(p, ref["frontier"], "task1_after_probe")
+                                           if p["mean_task1_after_probe"] is not None else None
                                            for p in m["frontier"]}
         rows[method] = row
     return rows
@@ -351,10 +380,12 @@ def render(result: dict, out_dir: str) -> list[Path]:
     rows = [[name, f"{m['lr_task1']:g}", f"{m['lr_task2']:g}" + (" (edge)" if m["task2_at_edge"] else "")
              if m["lr_task2"] is not None else "searching", percent_mean_std(m["task1_before"]),
              *(percent_mean_std(x[key] for x in m["tuned"])
-               for key in ("task2", *TASK1_AFTER, "forgetting", "retention")),
+               for key in ("task2", *TASK1_AFTER, "forgetting", "task1_before_probe", "forgetting_probe",
+                           "retention")),
              len(m["tuned"])]
             for name, m in methods.items()]
-    comp = [[name, *(percent_interval(r[key]) for key in ("task2", *TASK1_AFTER, "forgetting", "retention"))]
+    comp = [[name, *(percent_interval(r[key]) for key in ("task2", *TASK1_AFTER, "forgetting", "forgetting_probe",
+                                                          "retention"))]
             for name, r in result["comparisons"].items()]
     equal = [[name, *(percent_interval(r[f"{key}_at_equal_task2"]) + _outside(r[f"{key}_at_equal_task2"])
                       for key in (*TASK1_AFTER, "retention"))]
@@ -375,13 +406,17 @@ def render(result: dict, out_dir: str) -> list[Path]:
                 f"new head, which shifts every old logit alike: the old head then predicts one class while the "
                 f"classes can stay as separable as before. The refits tell the two apart.", "",
                 "## At the chosen rates", "",
+                f"Forgetting: {t1} before task 2 minus after, both with its own head (before: the saved task-1 "
+                f"model's score, measured again in the task-2 run); with the probe, the probe refit before task 2 "
+                f"minus the probe refit after.", "",
                 ex.markdown_table(["method", f"{t1} rate", f"{t2} rate", f"{t1} before", t2, *ways,
-                                   "forgetting", "STS", "seeds"], rows), "",
+                                   "forgetting", f"{t1} before (probe)", "forgetting (probe)", "STS", "seeds"],
+                                  rows), "",
                 "## Against AdamW, paired by seed", "",
                 "Difference [95 % interval] and the verdict it supports. At equal task-2 score: the method's per-seed "
                 "value minus AdamW's frontier (its per-rate means) at the same task-2 score; seeds outside that "
                 "frontier's range are counted and left out.", "",
-                ex.markdown_table(["method", t2, *ways, "forgetting", "STS"], comp), "",
+                ex.markdown_table(["method", t2, *ways, "forgetting", "forgetting (probe)", "STS"], comp), "",
                 ex.markdown_table(["method", *(f"{w} at equal {t2}" for w in ways), f"STS at equal {t2}"], equal), "",
                 f"## Frontier points (mean over seeds below {cfg['frontier_seeds']})", "",
                 ex.markdown_table(["method", f"{t2} rate", "seeds", t2, *ways, "STS", "diverged"], points), "",
@@ -390,7 +425,7 @@ def render(result: dict, out_dir: str) -> list[Path]:
                 f"it beats on both; {t1} after with its own head, then with the probe.", "",
                 ex.markdown_table(["method", f"{t2} rate", "beaten on both by AdamW at", "beats AdamW at",
                                    "probe: beaten by AdamW at", "probe: beats AdamW at"],
-                                  [[name, lr, *(", ".join(d[k]) or "-" for d in (r["frontier_dominance"][lr],
+                                  [[name, lr, *(_dominance_cell(d, k) for d in (r["frontier_dominance"][lr],
                                                                                r["frontier_dominance_probe"][lr])
                                                 for k in ("dominated_by", "dominates"))]
                                    for name, r in result["comparisons"].items()
@@ -407,6 +442,10 @@ def render(result: dict, out_dir: str) -> list[Path]:
     title = f"Language continual finetuning: {t1} then {t2}"
     return [*(f for f in figures if f is not None), ex.write_markdown(out_dir, "continual_glue", title, result,
                                                                       sections)]
+
+
+def _dominance_cell(found: dict | None, key: str) -> str:
+    return "not measured" if found is None else ", ".join(found[key]) or "-"
 
 
 def _outside(d: dict) -> str:

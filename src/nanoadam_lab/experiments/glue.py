@@ -203,7 +203,9 @@ def predict_with_features(model, data: Encoded, pad_id: int, head_output: torch.
 
 
 def head_output_layer(model: torch.nn.Module, num_labels: int) -> torch.nn.Module:
-    """The head's last linear layer with one output per label (``classifier`` for BERT)."""
+    """The head's last linear layer with one output per label (``classifier`` for BERT). Its input is
+    what the refit probe reads: the body's features under a one-layer head like BERT's; under a
+    head with a hidden layer (RoBERTa's dense then ``out_proj``) that layer's output instead."""
     heads = {k.rsplit(".", 1)[0] for k in head_keys(model)}
     layers = [m for name, m in model.named_modules()
               if name in heads and isinstance(m, torch.nn.Linear) and m.out_features == num_labels]
@@ -409,7 +411,9 @@ class WatchedTask:
                  train: Encoded, refit_examples: int):
         self.spec, self.splits, self.head, self.train_labels = spec, splits, head, train.labels
         self.refit_examples = min(refit_examples, len(train))
-        self.refit_train = train.subset(range(self.refit_examples))  # the training order is shuffled already
+        # The training examples are in _POOL_SEED's shuffled order, the same for every run and seed:
+        # every refit is fit on the same examples, so seeds pair fairly.
+        self.refit_train = train.subset(range(self.refit_examples))
 
     @classmethod
     def of(cls, config: GlueRunConfig, model: torch.nn.Module, tokenizer,

@@ -30,6 +30,8 @@ def refit_offset(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     squared error for a regression's single output); the logits stay otherwise as they are."""
     logits = logits.detach().float()
     if logits.shape[1] == 1:
+        # A regression scored by correlation (STS-B) is unchanged by an offset: this column then
+        # equals the old head's, by construction.
         return (labels.float() - logits[:, 0]).mean().reshape(1)
     offset = torch.zeros(logits.shape[1], requires_grad=True)
     solver = torch.optim.LBFGS([offset], lr=1.0, max_iter=100, tolerance_grad=1e-9, tolerance_change=1e-12,
@@ -41,7 +43,8 @@ def refit_offset(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         loss.backward()
         return loss
 
-    solver.step(closure)
+    with torch.enable_grad():  # callers score under no_grad; the fit needs the graph
+        solver.step(closure)
     return offset.detach()
 
 
