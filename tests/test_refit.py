@@ -60,6 +60,10 @@ def test_a_watched_head_pushed_off_by_an_offset_is_recovered_by_the_refits(tmp_p
     load_body(model, start)
     watch = WatchedTask.of(config, model, tokenizer, start)
     assert watch.refit_examples == 96  # the watched task's training examples, fewer than asked for
+    # The refits learn from training examples only: none of them is a scored (held-out or validation) one.
+    refit_inputs = {tuple(ids) for ids in watch.refit_train.input_ids}
+    for split in ("heldout", "validation"):
+        assert not refit_inputs & {tuple(ids) for ids in watch.splits[split].input_ids}, split
     pad = tokenizer.pad_token_id
     plain = watch.scored(model, pad)
     # The same body, the old head's bias pushed far towards one class: the old head predicts that
