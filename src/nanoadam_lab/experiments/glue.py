@@ -88,6 +88,8 @@ class GlueRunConfig:
     watch_train_limit: int | None = None  # that task's run's train_limit, so that its held-out slice is the same
     # The watched task is also scored, before and after, with its head's offset refit and with a linear probe
     # refit on the body's features (``refit``), both fit on this many of its training examples (0: not at all).
+    # 1000: a few examples per feature for a linear probe on MiniLM's 384 features, and one extra
+    # forward pass over 1000 examples per scoring of the watched task (seconds on 2 cores).
     watch_refit_examples: int = 1000
 
     def __post_init__(self):
@@ -452,17 +454,18 @@ class WatchedTask:
             return {name: scored_split(model, data, self.spec, pad_id, self.train_labels)
                     for name, data in self.splits.items()}
         layer = head_output_layer(model, self.spec.num_labels)
-        seen = {name: predict_with_features(model, data, pad_id, layer)
-                for name, data in {"train": self.refit_train, **self.splits}.items()}
-        offset = refit_offset(seen["train"][0], self.refit_train.labels)
-        probe = LinearProbe(seen["train"][1], self.refit_train.labels, self.spec.num_labels)
-        out: dict[str, dict] = {name: scored_logits(logits, data, self.spec, self.train_labels)
-                                for (name, data), (logits, _) in zip(self.splits.items(),
-                                                                     (seen[n] for n in self.splits))}
+        logits_and_features = {name: predict_with_features(model, data, pad_id, layer)
+                               for name, data in {"train": self.refit_train, **self.splits}.items()}
+        logits = {name: pair[0] for name, pair in logits_and_features.items()}
+        features = {name: pair[1] for name, pair in logits_and_features.items()}
+        offset = refit_offset(logits["train"], self.refit_train.labels)
+        probe = LinearProbe(features["train"], self.refit_train.labels, self.spec.num_labels)
+        out: dict[str, dict] = {name: scored_logits(logits[name], data, self.spec, self.train_labels)
+                                for name, data in self.splits.items()}
         out["refit"] = {
-            "offset": {name: compute_metrics(self.spec, seen[name][0] + offset, data.labels)
+            "offset": {name: compute_metrics(self.spec, logits[name] + offset, data.labels)
                        for name, data in self.splits.items()},
-            "probe": {name: compute_metrics(self.spec, probe.logits(seen[name][1]), data.labels)
+            "probe": {name: compute_metrics(self.spec, probe.logits(features[name]), data.labels)
                       for name, data in self.splits.items()},
             "offset_value": offset.tolist()}
         return out

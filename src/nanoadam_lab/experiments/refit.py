@@ -58,6 +58,9 @@ class LinearProbe:
         from sklearn.preprocessing import StandardScaler
 
         self.num_labels = num_labels
+        # scikit-learn's default strengths (C=1, alpha=1) on standardized features, not tuned: tuning
+        # would need a split of its own, and one fixed probe reads every method's body the same way,
+        # so the methods' refit scores pair fairly. It measures what a plain new head can read.
         model = Ridge(alpha=1.0) if num_labels == 1 else LogisticRegression(max_iter=2000)
         self.model = make_pipeline(StandardScaler(), model).fit(features.double().numpy(), labels.numpy())
 
