@@ -165,20 +165,22 @@ def test_ablation_miniature(tmp_path):
     in_process([])(shared, run_path(tmp_path / "glue", "rte", "nanoadam", 1e-3, 0))
     config = AblationConfig(task="rte", data_dir=DATA, out=str(tmp_path / "abl"), seeds=2,
                             lr_grids={"nanoadam": [1e-3], "lift": [1e-3]}, max_extensions=0, intervals=[5],
-                            densities=[0.3], overrides=dict(TINY, retention_probe=False), reuse=str(tmp_path / "glue"),
+                            densities=[0.3], decays=[0.05], overrides=dict(TINY, retention_probe=False), reuse=str(tmp_path / "glue"),
                             only=["small_weights", "large_gradients_at_small_weights_rate", "principal_weights",
-                                  "static_mask"])
+                                  "static_mask", "decay_to_0.05"])
     assert config.run_config("small_weights", 1e-3, 0) == shared
     calls = []
     result = run_ablation(config, execute=in_process(calls))
     assert not result["failures"]
     cells = result["cells"]
     assert set(cells) == set(config.only)
-    assert len(calls) == 4 * 2 - 1  # every variant's two seeds, but the copied one
+    assert len(calls) == 5 * 2 - 1  # every variant's two seeds, but the copied one
     assert set(config.variants()) == set(config.only)
     every = set(variants([5], [0.3]))
     assert {"random_weights", "large_weights", "large_gradients", "interval_5", "density_0.3"} <= every
     assert cells["static_mask"]["optimizer"] == "nanoadam-static"
+    decay = json.loads((tmp_path / "abl" / "runs" / "decay_to_0.05" / "lr0.001-seed0.json").read_text())
+    assert decay["config"]["optimizer_overrides"]["final_density"] == 0.05
     run = json.loads((tmp_path / "abl" / "runs" / "large_gradients_at_small_weights_rate" / "lr0.001-seed1.json")
                      .read_text())
     assert run["config"]["eval_split"] == "heldout"
@@ -189,6 +191,7 @@ def test_ablation_miniature(tmp_path):
             assert d["n"] == 2 and d["lo"] <= d["mean"] <= d["hi"]
     md = (tmp_path / "abl" / "ablation.md").read_text()
     assert "Fig. 4a" in md and "| small weights |" in md and "95 % CI" in md
+    assert "| density decay 0.1 to 0.05 |" in md and "refresh every 50 steps, density 0.1 |" in md
     assert (tmp_path / "abl" / "ablation_curves.png").exists()
     again = []
     run_ablation(config, execute=in_process(again))
