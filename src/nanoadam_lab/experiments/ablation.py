@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import experiment as ex
+from ..baselines.registry import REGISTRY
 from ..experiment import percent_interval
 from .compare import (
     BUDGET_OPTIMIZER_OVERRIDES,
@@ -45,7 +46,6 @@ from .compare import (
     reuse_run,
     search_rate,
 )
-from ..baselines.registry import REGISTRY
 from .glue import GlueRunConfig
 
 REFERENCE = "small_weights"
