@@ -165,7 +165,8 @@ def test_ablation_miniature(tmp_path):
     in_process([])(shared, run_path(tmp_path / "glue", "rte", "nanoadam", 1e-3, 0))
     config = AblationConfig(task="rte", data_dir=DATA, out=str(tmp_path / "abl"), seeds=2,
                             lr_grids={"nanoadam": [1e-3], "lift": [1e-3]}, max_extensions=0, intervals=[5],
-                            densities=[0.3], decays=[0.05], overrides=dict(TINY, retention_probe=False), reuse=str(tmp_path / "glue"),
+                            densities=[0.3], decays=[0.05], overrides=dict(TINY, retention_probe=False),
+                            reuse=str(tmp_path / "glue"),
                             only=["small_weights", "large_gradients_at_small_weights_rate", "principal_weights",
                                   "static_mask", "decay_to_0.05"])
     assert config.run_config("small_weights", 1e-3, 0) == shared
