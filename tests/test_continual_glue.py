@@ -47,7 +47,12 @@ def test_continual_glue_miniature(tmp_path):
         assert [x["seed"] for x in cell["tuned"]] == [0, 1]
         assert len(cell["frontier"]) == len(grids[name]) and all(p["seeds"] == [0] for p in cell["frontier"])
         for x in cell["tuned"]:
-            # task 1 before = the saved task-1 run's validation score; forgetting = before - after
+            # Each number is the task-2 run file's: task 1 before = the watched curve's start (the model
+            # the run began from), after = its final validation score, the refits' after = theirs.
+            file = out / f"runs/task2/{name}/from-lr{cell['lr_task1']:g}/lr{cell['lr_task2']:g}-seed{x['seed']}.json"
+            watch = json.loads(file.read_text())["watch"]
+            assert x["task1_before"] == watch["curve"][0]["score"] and x["task1_after"] == watch["validation"]["score"]
+            assert x["task1_after_probe"] == watch["refit"]["after"]["probe"]["validation"]["score"]
             assert x["forgetting"] == pytest.approx(x["task1_before"] - x["task1_after"])
             assert x["retention"] is not None
     # The task-2 run watched task 1 from the model its own method saved at that seed.
