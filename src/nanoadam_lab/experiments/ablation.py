@@ -91,16 +91,19 @@ class AblationConfig:
     def __post_init__(self):
         if self.seeds < 2:
             raise ValueError("the ablation compares paired seeds: seeds must be >= 2")
-        known = variants(self.intervals, self.densities, self.decays)
+        known = self.all_variants()
         if self.only is not None and (set(self.only) - set(known) or REFERENCE not in self.only):
             raise ValueError(f"only= takes variants among {', '.join(known)}, {REFERENCE} included")
 
+    def all_variants(self) -> dict[str, tuple[str, dict[str, Any], str]]:
+        """Every variant these intervals, densities and decays define (``only`` not applied)."""
+        return variants(self.intervals, self.densities, self.decays)
+
     def variants(self) -> dict[str, tuple[str, dict[str, Any], str]]:
-        table = variants(self.intervals, self.densities, self.decays)
-        return {k: v for k, v in table.items() if self.only is None or k in self.only}
+        return {k: v for k, v in self.all_variants().items() if self.only is None or k in self.only}
 
     def run_config(self, name: str, lr: float, seed: int) -> GlueRunConfig:
-        optimizer, overrides, _ = variants(self.intervals, self.densities, self.decays)[name]
+        optimizer, overrides, _ = self.all_variants()[name]
         settings = {**budget_settings(self.budget, self.task), **self.overrides}
         if seed != 0:
             settings["eval_points"] = 0
@@ -191,18 +194,17 @@ def run(config: AblationConfig, execute=None, progress=None, render_only: bool =
     return {"config": asdict(config), "cells": cells, **extra, "searching": searching, "failures": ledger.failures}
 
 
-def reference_mask_interval(budget: str) -> int:
-    """Steps between small weights' mask refreshes: the budget's NanoAdam setting, else the registry's."""
+def reference_setting(budget: str, key: str) -> Any:
+    """Small weights' (NanoAdam's) ``key`` in ``budget``: the budget's override, else the registry's default."""
     nanoadam = BUDGET_OPTIMIZER_OVERRIDES[budget].get("nanoadam", {})
-    return nanoadam.get("mask_interval", REGISTRY["nanoadam"].defaults["mask_interval"])
+    return nanoadam.get(key, REGISTRY["nanoadam"].defaults[key])
 
 
 def render(result: dict, out_dir: str) -> list[Path]:
     """``ablation.md`` (a table per study with paired intervals against small weights, the rate
     searches, the settings) and ``ablation_curves.png``, from the result and its run files."""
     c, cells = result["config"], result["cells"]
-    every = reference_mask_interval(c["budget"])
-    density = REGISTRY["nanoadam"].defaults["density"]
+    every, density = (reference_setting(c["budget"], key) for key in ("mask_interval", "density"))
 
     def row(name, label):
         if name not in cells:
