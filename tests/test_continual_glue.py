@@ -34,6 +34,11 @@ def test_continual_glue_miniature(tmp_path):
     result = main(config, command="test", execute=in_process(calls))
     assert not result["failures"] and not result["rebuilt_models"]
     rel = sorted(os.path.relpath(c, out) for c in calls)
+    # Seed 0 of every method before any later seed: a job stopped part-way leaves every method's frontier.
+    task2_seeds = [(os.path.basename(c).rsplit("seed", 1)[1], os.path.relpath(c, out).split("/")[2])
+                   for c in calls if os.path.relpath(c, out).startswith("runs/task2/")]
+    assert task2_seeds == sorted(task2_seeds, key=lambda s: s[0])
+    assert {m for _, m in task2_seeds[:3]} == {"adamw", "nanoadam"}
     # adamw: 2 task-1 rates, 2 saved models, task 2 at 2 rates (seed 0) + seed 1 at the chosen one;
     # nanoadam: its task-1 search copied, 2 saved models, task 2 seed 0 and 1.
     assert sum(r.startswith("runs/task1/") for r in rel) == 2

@@ -30,7 +30,8 @@ Protocol:
   task 1 before and the probe stays at the pretrained model's.
 
 Run files go to ``out/runs/{task1,task1-saved,task2}/<method>/lr<lr>-seed<s>.json`` as they finish;
-a rerun of the same command skips every run whose file exists.
+a rerun of the same command skips every run whose file exists. Seed 0 of every method runs first,
+then seed 1 of every method, and so on.
 """
 
 from __future__ import annotations
@@ -198,14 +199,21 @@ def run(config: ContinualGlueConfig, execute=None, progress=None) -> dict:
             return new
         return ledger.ensure(run_config, path)
 
+    # Seed 0 of every method first (its two searches: a one-seed frontier of each method), then each
+    # further seed of every method. A job stopped part-way (a session's end) then leaves a frontier
+    # for every method rather than five seeds of the first; each task-1 model still serves one
+    # contiguous block of task-2 runs, so the order costs no extra rebuilds.
+    searched: dict[str, tuple[float, list[float], float]] = {}
     for method in config.methods:
         _, lr1 = search_rate(lambda lr, m=method: task1(m, lr), grids[method], config.max_extensions)
         if lr1 is None:
             continue
         # Each seed's task-1 model is trained (or rebuilt) when a task-2 run first needs it.
         tried, lr2 = search_rate(lambda lr, m=method, r1=lr1: task2(m, r1, lr, 0), grids[method], config.max_extensions)
-        for seed in range(1, config.seeds):
-            for lr in sorted(tried):
+        searched[method] = (lr1, sorted(tried), lr2)
+    for seed in range(1, config.seeds):
+        for method, (lr1, tried, lr2) in searched.items():
+            for lr in tried:
                 if seed < config.frontier_seeds or lr == lr2:
                     task2(method, lr1, lr, seed)
     return {**summarize(config), "failures": ledger.failures, "rebuilt_models": rebuilt}
