@@ -3,7 +3,7 @@
 import json
 import math
 import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import pytest
 
@@ -138,6 +138,8 @@ def test_finetune_cli_writes_a_result(tmp_path, capsys):
     (["finetune", "--task", "rte", "--optimizer", "adamw", "--data-dir", DATA, "--model", "/nonexistent/model"],
      "cannot load model"),
     (["compare", "--tasks", "rte,mnli"], "unknown task"),
+    (["bench", "glue", "--tasks", "rte"], "--out must name"),
+    (["bench", "glue", "--tasks", "rte", "--out", "/nonexistent"], "holds no runs/"),
 ])
 def test_bad_input_is_one_line(argv, match, capsys):
     assert main(argv) == 2
@@ -332,3 +334,39 @@ def test_a_diverged_run_never_chooses_its_rate():
     diverged = {"score": 0.9, "metrics": {"score": 0.9, "loss": float("nan"), "diverged": True}}
     fine = {"score": 0.6, "metrics": {"score": 0.6, "loss": 0.7, "diverged": False}}
     assert best_lr({1e-3: diverged, 1e-4: fine}) == 1e-4
+
+
+def test_step_times_are_taken_in_turn_at_the_chosen_rates_and_reach_the_table(tmp_path):
+    from nanoadam_lab.bench.glue_steps import GlueStepsConfig, format_table
+    from nanoadam_lab.bench.glue_steps import run as time_steps
+    from nanoadam_lab.experiment import write_result
+    from nanoadam_lab.experiments.compare import summarize
+
+    grids = {"adamw": [1e-4], "nanoadam": [1e-3], "adamw-headlr": [3e-4]}
+    config = CompareConfig(tasks=["rte", "cola"], optimizers=list(grids), seeds=1, data_dir=DATA, out=str(tmp_path),
+                           lr_grids=grids, max_extensions=0, overrides=TINY)
+    run_compare(replace(config, tasks=["rte"]), execute=in_process([]))
+    turns = []
+    result = time_steps(config, GlueStepsConfig(blocks=2, steps_per_block=2),
+                        progress=lambda task, block, name: turns.append((block, name)))
+    # Only RTE has chosen rates; its optimizers take turns block by block, the warm-up block first.
+    assert result["skipped"] == {"cola": "no chosen rate yet for adamw, nanoadam, adamw-headlr"}
+    assert turns == [(b, o) for b in range(3) for o in grids]
+    timed = result["tasks"]["rte"]["results"]
+    assert timed["adamw"]["ratio_to_adamw"] == 1.0 and len(timed["nanoadam"]["block_ratios"]) == 2
+    assert timed["nanoadam"]["optimizer_overrides"] == {"mask_interval": 50}
+    assert timed["adamw-headlr"]["optimizer_overrides"] == {"head_lr": 1e-3}  # NanoAdam's chosen rate
+    assert all(0 < r["median_optimizer_step_s"] < r["median_step_s"] for r in timed.values())
+    assert "| rte | nanoadam | 0.001 |" in format_table(result) and "Not timed: cola" in format_table(result)
+
+    rte = replace(config, tasks=["rte"])
+    assert "0.00x)" not in glue_table(summarize(rte)) and "*: the median of the run files" in glue_table(summarize(rte))
+    write_result(tmp_path, "steps", result)
+    table = glue_table(summarize(rte))
+    assert f"| {timed['adamw']['median_step_s']:.3f} (1.00x) |" in table and "taking turns" in table
+    assert "*: the median" not in table
+    # A time taken at another rate than the one chosen now is not shown as this cell's.
+    result["tasks"]["rte"]["results"]["nanoadam"]["lr"] = 3e-3
+    write_result(tmp_path, "steps", result)
+    cells = summarize(rte)["tasks"]["rte"]["cells"]
+    assert cells["nanoadam"]["timed_in_turn"] is None and cells["adamw"]["timed_in_turn"] is not None

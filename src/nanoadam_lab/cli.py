@@ -257,6 +257,16 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--hidden", type=_positive_int, default=4096, help="GaLore: width of the projected matrices")
     memory.add_argument("--no-measure", action="store_true", help="formulas only, no measurement on MiniLM")
     memory.add_argument("--out", type=Path, help="write memory.json and memory.md here")
+    glue = bench_kinds.add_parser("glue", help="a GLUE comparison's step times: its optimizers at their chosen "
+                                               "rates, on its data and recipe, taking turns (writes steps.json "
+                                               "into the comparison's folder, which its tables then show)")
+    glue.add_argument("--tasks", type=_task_list, default=None, help="comma-separated, default all")
+    glue.add_argument("--optimizers", type=_optimizer_set, default=None, help="as for compare (default: primary)")
+    glue.add_argument("--seeds", type=_positive_int, default=5, help="the comparison's (it decides the chosen rates)")
+    glue.add_argument("--max-extensions", type=int, default=3, help="the comparison's")
+    glue.add_argument("--blocks", type=_positive_int, default=5)
+    glue.add_argument("--steps-per-block", type=_positive_int, default=4)
+    _add_common_glue_args(glue)
     step = bench_kinds.add_parser("step", help="NanoAdam vs torch AdamW (fused, foreach) step time on MiniLM shapes")
     step.add_argument("--density", type=_density, default=0.1)
     step.add_argument("--mask-interval", type=_positive_int, default=100)
@@ -495,20 +505,14 @@ def _sft(args) -> int:
 
 def _compare(args) -> int:
     tqdm = _require("tqdm.auto", "cli").tqdm
-    from .experiments.compare import CompareConfig, run_compare
+    from .experiments.compare import run_compare
     from .experiments.glue_data import TASKS
     from .experiments.report import glue_table, plot_curves, plot_frontiers
 
     tasks = args.tasks or list(TASKS)
     _check_glue_inputs(args, tasks)
     out = args.out or Path("results/glue")
-    try:
-        config = CompareConfig(tasks=tasks, budget=args.budget, seeds=args.seeds, model=args.model,
-                               data_dir=args.data_dir, out=str(out), max_extensions=args.max_extensions,
-                               lora_r=args.lora_r if args.peft == "lora" else None, threads=args.threads,
-                               **({"optimizers": args.optimizers} if args.optimizers else {}))
-    except ValueError as e:
-        raise UsageError(f"nanoadam compare: {e}") from None
+    config = _compare_config(args, tasks, out, "nanoadam compare")
     if args.budget == "quick":
         print("note: the quick budget is a smoke test; it cannot rank optimizers", file=sys.stderr)
     from .experiments.compare import retime, retime_finals
@@ -532,6 +536,19 @@ def _compare(args) -> int:
     for failure in summary["failures"]:
         print(f"failed: {failure['run']}: {failure['error']}", file=sys.stderr)
     return 1 if summary["failures"] else 0
+
+
+def _compare_config(args, tasks: list[str], out: Path, command: str):
+    """The ``CompareConfig`` that ``args`` (compare's options) describe, or one line naming what is wrong."""
+    from .experiments.compare import CompareConfig
+
+    try:
+        return CompareConfig(tasks=tasks, budget=args.budget, seeds=args.seeds, model=args.model,
+                             data_dir=args.data_dir, out=str(out), max_extensions=args.max_extensions,
+                             lora_r=args.lora_r if args.peft == "lora" else None, threads=args.threads,
+                             **({"optimizers": args.optimizers} if args.optimizers else {}))
+    except ValueError as e:
+        raise UsageError(f"{command}: {e}") from None
 
 
 def _run_progress(bar, name):
@@ -741,6 +758,23 @@ def _bench_fit(args) -> int:
     return _publish(args.out, "fit", result, format_table(result), "Largest decoder that trains in a memory budget")
 
 
+def _bench_glue(args) -> int:
+    from .bench.glue_steps import GlueStepsConfig, format_table, run
+    from .experiments.glue_data import TASKS
+
+    if args.out is None:
+        raise UsageError("nanoadam bench glue: --out must name the comparison's folder (where compare wrote runs/)")
+    if not (args.out / "runs").is_dir():
+        raise UsageError(f"nanoadam bench glue: {args.out} holds no runs/ of a comparison")
+    tasks = args.tasks or list(TASKS)
+    _check_glue_inputs(args, tasks)
+    compare = _compare_config(args, tasks, args.out, "nanoadam bench glue")
+    config = GlueStepsConfig(blocks=args.blocks, steps_per_block=args.steps_per_block)
+    result = run(compare, config, progress=lambda task, block, name: print(f"{task} block {block}: {name}",
+                                                                            file=sys.stderr, flush=True))
+    return _publish(args.out, "steps", result, format_table(result), "GLUE step times, optimizers taking turns")
+
+
 def _bench_step(args) -> int:
     tqdm = _require("tqdm.auto", "cli").tqdm
     from .bench.step import StepBenchConfig, format_table, minilm_shapes, run
@@ -797,7 +831,7 @@ def main(argv: list[str] | None = None) -> int:
             return handlers[args.analysis](args)
         if args.command == "bench":
             return {"step": _bench_step, "memory": _bench_memory, "backward": _bench_backward,
-                    "decoder": _bench_decoder, "fit": _bench_fit,
+                    "decoder": _bench_decoder, "fit": _bench_fit, "glue": _bench_glue,
                     None: _bench_optimizers}[args.bench](args)
     except UsageError as e:
         print(str(e), file=sys.stderr)

@@ -489,6 +489,8 @@ def summarize(config: CompareConfig) -> dict:
     out = Path(config.out)
     tasks: dict[str, dict[str, Any]] = {}
     finished_runs, train_seconds_total = 0, 0.0
+    steps = _load(out / "steps.json")  # `nanoadam bench glue`: step times taken in turn
+    reference = steps["config"]["reference"] if steps else None
     for task in config.tasks:
         cells, partial = {}, {}
         # Optimizers that take a rate from another's choice come after the one they take it from.
@@ -515,14 +517,25 @@ def summarize(config: CompareConfig) -> dict:
                                         "retention": _paired(cell, cells["adamw"], "retention"),
                                         "retention_at_equal_score": retention_at_equal_score(cell, cells["adamw"])}
         task_gate = gate(task, cells, config.seeds)
-        for cell in cells.values():
-            cell.pop("_finals")
+        timed = (steps or {}).get("tasks", {}).get(task, {}).get("results", {})
+        for optimizer, cell in cells.items():
+            finals = cell.pop("_finals")
+            cell["timed_in_turn"] = _timed_in_turn(timed.get(optimizer), cell["lr"], finals, reference)
         tasks[task] = {"gate": task_gate, "cells": cells, "searching": partial}
     pretrained = _load(out / "pretrained.json")
     return {"config": asdict(config), "budget_note": BUDGET_NOTES[config.budget],
             "pretrained_retention": pretrained["retention"] if pretrained else None, "tasks": tasks,
             "average": average(config, tasks), "finished_runs": finished_runs,
             "train_seconds_total": train_seconds_total}
+
+
+def _timed_in_turn(timed: dict | None, lr: float, finals: list[dict], reference: str | None) -> dict | None:
+    """The benchmark's step time of this cell (``bench.glue_steps``), when it timed the chosen rate
+    with the settings of the cell's runs; None otherwise (not timed, or timed at another choice)."""
+    if not timed or timed["lr"] != lr or not finals or \
+            timed["optimizer_overrides"] != finals[0]["config"]["optimizer_overrides"]:
+        return None
+    return {"median_step_s": timed["median_step_s"], "ratio": timed[f"ratio_to_{reference}"], "reference": reference}
 
 
 def average(config: CompareConfig, tasks: dict[str, dict]) -> dict:

@@ -257,6 +257,27 @@ def scored_logits(logits: torch.Tensor, data: Encoded, task: str | TaskSpec,
             "predictions": compact_predictions(task, logits), "labels": data.labels.tolist()}
 
 
+def planned_steps(config: GlueRunConfig, train_examples: int) -> int:
+    """The run's length: ``max_steps``, or ``epochs`` over ``train_examples`` in batches."""
+    return config.max_steps or max(1, math.ceil(config.epochs * math.ceil(train_examples / config.batch_size)))
+
+
+def training_step(model, batch: dict[str, torch.Tensor], trainable: list[torch.Tensor], bundle, lr_schedule,
+                  recipe: Recipe) -> tuple[torch.Tensor, float, float]:
+    """One step of the recipe: forward, backward, clipping, the optimizer's step, the schedule's
+    step, ``zero_grad``. Returns the loss, the gradient norm before clipping and the seconds the
+    optimizer took (step, schedule and ``zero_grad``). Shared with the step-time benchmark
+    (``nanoadam_lab.bench.glue_steps``), so that it times exactly what a run does."""
+    loss = model(**batch).loss
+    loss.backward()
+    grad_norm = recipe.clip(trainable)
+    started = time.perf_counter()
+    bundle.step()
+    lr_schedule.step()
+    bundle.optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm, time.perf_counter() - started
+
+
 def run(config: GlueRunConfig, rows: dict[str, list[dict]] | None = None, progress=None,
         probe_rows: list[dict] | None = None) -> dict:
     """Trains once and returns the result. ``rows`` (from ``load_task``) and ``probe_rows`` (STS-B
@@ -275,8 +296,7 @@ def run(config: GlueRunConfig, rows: dict[str, list[dict]] | None = None, progre
     train, scored = split_data(config, rows, tokenizer)
     watch = WatchedTask.of(config, model, tokenizer, start) if config.watch_task else None
     first_split = next(iter(scored))
-    steps_per_epoch = math.ceil(len(train) / config.batch_size)
-    total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+    total_steps = planned_steps(config, len(train))
     bundle = build_optimizer(config.optimizer, model, lr=config.lr, total_steps=total_steps,
                              **config.optimizer_overrides)
     recipe = config.recipe
@@ -296,17 +316,12 @@ def run(config: GlueRunConfig, rows: dict[str, list[dict]] | None = None, progre
     started = time.perf_counter()
     for step in range(1, total_steps + 1):
         t0 = time.perf_counter()
-        loss = model(**collate(train, next(batches), pad_id)).loss
-        loss.backward()
-        grad_norms.append(recipe.clip(trainable))
-        t1 = time.perf_counter()
-        bundle.step()
-        lr_schedule.step()
-        bundle.optimizer.zero_grad(set_to_none=True)
-        t2 = time.perf_counter()
+        loss, grad_norm, optimizer_seconds = training_step(model, collate(train, next(batches), pad_id), trainable,
+                                                           bundle, lr_schedule, recipe)
+        step_times.append(time.perf_counter() - t0)
+        opt_times.append(optimizer_seconds)
+        grad_norms.append(grad_norm)
         losses.append(loss.item())
-        step_times.append(t2 - t0)
-        opt_times.append(t2 - t1)
         if not math.isfinite(losses[-1]):
             break
         if step in eval_at:

@@ -20,6 +20,27 @@ def _equal_score(d: dict | None) -> str:
     return percent_interval(d) + (f" ({', '.join(outside)} AdamW's front)" if outside else "")
 
 
+def _step_time(cell: dict) -> str:
+    """Timed in turn (``nanoadam bench glue``) with its ratio when there is such a time, else the
+    run files' median, marked."""
+    timed = cell.get("timed_in_turn")
+    if timed:
+        return f"{timed['median_step_s']:.3f} ({timed['ratio']:.2f}x)"
+    return f"{cell['median_step_s']:.3f}*" if cell.get("median_step_s") is not None else "-"
+
+
+def _step_note(cells: dict) -> str:
+    timed = [c["timed_in_turn"] for c in cells.values() if c.get("timed_in_turn")]
+    note = []
+    if timed:
+        note.append(f"step (s): median whole training step with the optimizers taking turns on one machine, "
+                    f"and its ratio to {timed[0]['reference']} (`nanoadam bench glue`, `steps.md`)")
+    if len(timed) < len(cells):
+        note.append("*: the median of the run files, timed next to other jobs and on different days: "
+                    "not a speed comparison")
+    return "; ".join(note) + "."
+
+
 def gate_line(task: str, gate: dict) -> str:
     if gate.get("passed") is None:
         return f"gate: undecided ({gate.get('reason')})"
@@ -58,8 +79,8 @@ def glue_table(summary: dict) -> str:
                 f"| {opt} | {lr} | {percent(c['mean'])} ± {percent(c['std'])} | {percent_interval(vs.get('score'))} | "
                 f"{percent(c['retention_mean'])} | {percent_interval(vs.get('retention'))} | "
                 f"{_equal_score(vs.get('retention_at_equal_score'))} | {len(c['seeds'])} | "
-                f"{percent(c['untouched_fraction'])} % | {c['l2_shift']:.3f} | {c['median_step_s']:.3f} |")
-        lines += ["", "Held-out score per rate (seed 0): " + "; ".join(
+                f"{percent(c['untouched_fraction'])} % | {c['l2_shift']:.3f} | {_step_time(c)} |")
+        lines += ["", *([_step_note(cells), ""] if cells else []), "Held-out score per rate (seed 0): " + "; ".join(
             f"{opt} " + ", ".join(f"{row['lr']:g}: {percent(row['heldout'])}" for row in c["grid"])
             for opt, c in cells.items()), ""]
     avg = summary["average"]

@@ -1,0 +1,147 @@
+"""Step times of a GLUE comparison's optimizers, timed in turn on one machine.
+
+The run files of ``nanoadam compare`` record each run's median step, but the runs were made one
+after another over days, next to other background jobs and on different CPUs, so those medians
+cannot rank optimizers by speed. This benchmark times each task's optimizers at the rates the
+comparison chose, with the comparison's own model, data, batch size, sequence length and recipe:
+every optimizer gets its own model (seed 0, as the tuning runs), and they take turns in blocks of
+``steps_per_block`` whole training steps (collate, forward, backward, clipping, optimizer step,
+schedule, ``zero_grad``: ``glue.training_step``, what a run times), all of them on the same batches
+in the same order. The first block of each warms up (it holds NanoAdam's first mask selection)
+and is not counted.
+
+Reported per task and optimizer: the median whole step and the median optimizer step over the
+timed steps, and the ratio to AdamW, the median over blocks of (its block median / AdamW's block
+median in the same round). Mask refreshes (every 50 steps at the standard budget) fall outside a
+short benchmark's median, as they fall outside a run's; their amortized cost is what
+``nanoadam bench`` and ``nanoadam bench step`` measure.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..baselines import build_optimizer
+from ..experiment import machine_info
+from ..experiments.compare import CompareConfig, _tied, summarize
+from ..experiments.glue import GlueRunConfig, load_model_and_tokenizer, planned_steps, split_data, training_step
+from ..experiments.glue_data import collate, load_task
+from ..experiments.recipe import shuffled_batches
+
+
+@dataclass
+class GlueStepsConfig:
+    blocks: int = 5
+    steps_per_block: int = 4
+    reference: str = "adamw"
+
+    def __post_init__(self):
+        for name in ("blocks", "steps_per_block"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"Invalid {name}: {value!r} (expected an integer >= 1)")
+
+
+def chosen_configs(compare: CompareConfig) -> tuple[dict[str, dict[str, GlueRunConfig]], dict[str, str]]:
+    """Per task, every optimizer's seed-0 run configuration at the rate the comparison chose
+    (``summarize`` of its finished runs); and the tasks left out, with the reason."""
+    summary = summarize(compare)
+    configs, skipped = {}, {}
+    for task in compare.tasks:
+        cells = summary["tasks"].get(task, {}).get("cells", {})
+        missing = [o for o in compare.optimizers if o not in cells]
+        if missing:
+            skipped[task] = f"no chosen rate yet for {', '.join(missing)}"
+            continue
+        chosen = {o: cells[o]["lr"] for o in compare.optimizers}
+        configs[task] = {o: compare.run_config(task, o, chosen[o], 0, _tied(compare, o, chosen))
+                         for o in compare.optimizers}
+    return configs, skipped
+
+
+def time_task(configs: dict[str, GlueRunConfig], config: GlueStepsConfig, progress=None) -> dict:
+    """Times the optimizers of one task (``configs``: optimizer -> its run configuration) in turn."""
+    if config.reference not in configs:
+        raise ValueError(f"the reference optimizer {config.reference!r} is not among {', '.join(configs)}")
+    first = next(iter(configs.values()))
+    torch.set_num_threads(first.threads)
+    rows = load_task(first.spec, first.data_dir)
+    trainers, train = {}, None
+    for name, run_config in configs.items():
+        torch.manual_seed(run_config.seed)
+        model, tokenizer = load_model_and_tokenizer(run_config.model, run_config.spec.num_labels, run_config.lora_r)
+        train, _ = split_data(run_config, rows, tokenizer)
+        total_steps = planned_steps(run_config, len(train))
+        bundle = build_optimizer(run_config.optimizer, model, lr=run_config.lr, total_steps=total_steps,
+                                 **run_config.optimizer_overrides)
+        schedule = run_config.recipe.scheduler(bundle.optimizer, total_steps)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        model.train()
+        trainers[name] = (model, trainable, bundle, schedule, run_config.recipe, tokenizer.pad_token_id or 0)
+    steps = (config.blocks + 1) * config.steps_per_block
+    batches = shuffled_batches(len(train), first.batch_size, first.seed)
+    order = [next(batches) for _ in range(steps)]
+    whole: dict[str, list[list[float]]] = {name: [] for name in trainers}
+    optimizer_only: dict[str, list[float]] = {name: [] for name in trainers}
+    for block in range(config.blocks + 1):
+        indices = order[block * config.steps_per_block:(block + 1) * config.steps_per_block]
+        for name, (model, trainable, bundle, schedule, recipe, pad_id) in trainers.items():
+            block_times = []
+            for batch in indices:
+                started = time.perf_counter()
+                _, _, optimizer_seconds = training_step(model, collate(train, batch, pad_id), trainable, bundle,
+                                                        schedule, recipe)
+                block_times.append(time.perf_counter() - started)
+                if block:
+                    optimizer_only[name].append(optimizer_seconds)
+            if block:  # block 0 warms up
+                whole[name].append(block_times)
+            if progress is not None:
+                progress(block, name)
+    reference = [statistics.median(b) for b in whole[config.reference]]
+    results = {}
+    for name, run_config in configs.items():
+        medians = [statistics.median(b) for b in whole[name]]
+        ratios = [m / r for m, r in zip(medians, reference)]
+        results[name] = {"lr": run_config.lr, "optimizer_overrides": run_config.optimizer_overrides,
+                         "median_step_s": statistics.median(t for b in whole[name] for t in b),
+                         "median_optimizer_step_s": statistics.median(optimizer_only[name]),
+                         "block_medians_s": medians, f"ratio_to_{config.reference}": statistics.median(ratios),
+                         "block_ratios": ratios}
+    return {"batch_size": first.batch_size, "max_length": first.max_length, "train_examples": len(train),
+            "results": results}
+
+
+def run(compare: CompareConfig, config: GlueStepsConfig, progress=None) -> dict:
+    """Every task of ``compare`` whose optimizers all have a chosen rate, timed in turn."""
+    configs, skipped = chosen_configs(compare)
+    tasks = {}
+    for task, task_configs in configs.items():
+        tasks[task] = time_task(task_configs, config,
+                                progress=(lambda block, name, task=task: progress(task, block, name)) if progress
+                                else None)
+    return {"config": asdict(config), "compare_out": compare.out, "budget": compare.budget, "tasks": tasks,
+            "skipped": skipped, "machine": machine_info()}
+
+
+def format_table(result: dict) -> str:
+    reference = result["config"]["reference"]
+    c = result["config"]
+    lines = [f"| task | optimizer | lr | step (s) | x {reference} (median of paired blocks) | optimizer step (ms) "
+             "| per block |", "|---|---|---|---|---|---|---|"]
+    for task, entry in result["tasks"].items():
+        for name, r in entry["results"].items():
+            blocks = ", ".join(f"{x:.2f}" for x in r["block_ratios"])
+            lines.append(f"| {task} | {name} | {r['lr']:g} | {r['median_step_s']:.3f} | "
+                         f"{r[f'ratio_to_{reference}']:.3f} | {1000 * r['median_optimizer_step_s']:.1f} | {blocks} |")
+    lines += ["", f"Whole training steps (collate, forward, backward, clipping, optimizer step, schedule), "
+              f"{c['blocks']} blocks of {c['steps_per_block']} steps a task, optimizers taking turns on the same "
+              f"batches at the rates the comparison chose (budget `{result['budget']}`); one warm-up block not "
+              "counted. Mask refreshes fall outside the medians."]
+    for task, reason in result["skipped"].items():
+        lines.append(f"Not timed: {task} ({reason}).")
+    return "\n".join(lines)
