@@ -336,37 +336,64 @@ def test_a_diverged_run_never_chooses_its_rate():
     assert best_lr({1e-3: diverged, 1e-4: fine}) == 1e-4
 
 
-def test_step_times_are_taken_in_turn_at_the_chosen_rates_and_reach_the_table(tmp_path):
-    from nanoadam_lab.bench.glue_steps import GlueStepsConfig, format_table
-    from nanoadam_lab.bench.glue_steps import run as time_steps
+def test_step_times_are_taken_in_turn_at_the_chosen_rates_and_reach_the_table(tmp_path, monkeypatch):
+    import statistics
+
+    import nanoadam_lab.bench.glue_steps as glue_steps
     from nanoadam_lab.experiment import write_result
     from nanoadam_lab.experiments.compare import summarize
 
     grids = {"adamw": [1e-4], "nanoadam": [1e-3], "adamw-headlr": [3e-4]}
     config = CompareConfig(tasks=["rte", "cola"], optimizers=list(grids), seeds=1, data_dir=DATA, out=str(tmp_path),
-                           lr_grids=grids, max_extensions=0, overrides=TINY)
-    run_compare(replace(config, tasks=["rte"]), execute=in_process([]))
+                           lr_grids=grids, max_extensions=0, overrides=dict(TINY, max_steps=6))
+    rte = replace(config, tasks=["rte"])
+    run_compare(rte, execute=in_process([]))
+    seen = []  # (optimizer's model, batch, train mode) of every timed step
+    real_step = glue_steps.training_step
+
+    def spy(model, batch, *args):
+        seen.append((id(model), batch["input_ids"].tolist(), model.training))
+        return real_step(model, batch, *args)
+
+    monkeypatch.setattr(glue_steps, "training_step", spy)
     turns = []
-    result = time_steps(config, GlueStepsConfig(blocks=2, steps_per_block=2),
-                        progress=lambda task, block, name: turns.append((block, name)))
-    # Only RTE has chosen rates; its optimizers take turns block by block, the warm-up block first.
+    result = glue_steps.run(config, glue_steps.GlueStepsConfig(blocks=2, steps_per_block=2),
+                            progress=lambda task, block, name: turns.append((block, name)))
+    # Only RTE has chosen rates; its optimizers take turns block by block (warm-up block first), the
+    # order rotated every block, every one of them on the same batches in the same order, training.
     assert result["skipped"] == {"cola": "no chosen rate yet for adamw, nanoadam, adamw-headlr"}
-    assert turns == [(b, o) for b in range(3) for o in grids]
+    names = list(grids)
+    assert turns == [(b, o) for b in range(3) for o in names[b:] + names[:b]]
+    by_model = {}
+    for model, batch, training in seen:
+        by_model.setdefault(model, []).append(batch)
+        assert training
+    assert len(by_model) == 3 and len({repr(b) for b in by_model.values()}) == 1 and len(seen) == 3 * 6
     timed = result["tasks"]["rte"]["results"]
-    assert timed["adamw"]["ratio_to_adamw"] == 1.0 and len(timed["nanoadam"]["block_ratios"]) == 2
+    for r in timed.values():
+        assert len(r["block_ratios"]) == 2 and r["ratio_to_adamw"] == statistics.median(r["block_ratios"])
+        assert r["block_ratios"] == [m / a for m, a in zip(r["block_medians_s"], timed["adamw"]["block_medians_s"])]
+        assert 0 < r["median_optimizer_step_s"] < r["median_step_s"]
     assert timed["nanoadam"]["optimizer_overrides"] == {"mask_interval": 50}
     assert timed["adamw-headlr"]["optimizer_overrides"] == {"head_lr": 1e-3}  # NanoAdam's chosen rate
-    assert all(0 < r["median_optimizer_step_s"] < r["median_step_s"] for r in timed.values())
-    assert "| rte | nanoadam | 0.001 |" in format_table(result) and "Not timed: cola" in format_table(result)
+    assert "| rte | nanoadam | 0.001 |" in glue_steps.format_table(result)
 
-    rte = replace(config, tasks=["rte"])
-    assert "0.00x)" not in glue_table(summarize(rte)) and "*: the median of the run files" in glue_table(summarize(rte))
+    assert "*: the mean over seeds" in glue_table(summarize(rte))
     write_result(tmp_path, "steps", result)
     table = glue_table(summarize(rte))
     assert f"| {timed['adamw']['median_step_s']:.3f} (1.00x) |" in table and "taking turns" in table
-    assert "*: the median" not in table
-    # A time taken at another rate than the one chosen now is not shown as this cell's.
+    assert "*: the mean" not in table
+    # Times taken at another rate, head rate or budget than the runs' are not shown as theirs.
     result["tasks"]["rte"]["results"]["nanoadam"]["lr"] = 3e-3
+    result["tasks"]["rte"]["results"]["adamw-headlr"]["run_config"]["optimizer_overrides"]["head_lr"] = 3e-3
+    result["tasks"]["rte"]["results"]["adamw"]["run_config"]["batch_size"] = 16
     write_result(tmp_path, "steps", result)
     cells = summarize(rte)["tasks"]["rte"]["cells"]
-    assert cells["nanoadam"]["timed_in_turn"] is None and cells["adamw"]["timed_in_turn"] is not None
+    assert all(cells[o]["timed_in_turn"] is None for o in names)
+    # A later run keeps the tasks it did not time; a block count past the run's end is refused.
+    again = glue_steps.run(replace(config, tasks=["cola"]), glue_steps.GlueStepsConfig(), earlier=result)
+    assert list(again["tasks"]) == ["rte"] and again["timed_now"] == [] and list(again["skipped"]) == ["cola"]
+    with pytest.raises(ValueError, match="more than the 6"):
+        glue_steps.run(rte, glue_steps.GlueStepsConfig(blocks=3, steps_per_block=2))
+    with pytest.raises(ValueError, match="reference optimizer"):
+        glue_steps.run(replace(rte, optimizers=["nanoadam"]), glue_steps.GlueStepsConfig())

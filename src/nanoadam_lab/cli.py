@@ -258,11 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--no-measure", action="store_true", help="formulas only, no measurement on MiniLM")
     memory.add_argument("--out", type=Path, help="write memory.json and memory.md here")
     glue = bench_kinds.add_parser("glue", help="a GLUE comparison's step times: its optimizers at their chosen "
-                                               "rates, on its data and recipe, taking turns (writes steps.json "
-                                               "into the comparison's folder, which its tables then show)")
+                                               "rates, on its data and recipe, taking turns (adds them to "
+                                               "steps.json in the comparison's folder; its next render shows them)")
     glue.add_argument("--tasks", type=_task_list, default=None, help="comma-separated, default all")
     glue.add_argument("--optimizers", type=_optimizer_set, default=None, help="as for compare (default: primary)")
-    glue.add_argument("--seeds", type=_positive_int, default=5, help="the comparison's (it decides the chosen rates)")
+    glue.add_argument("--seeds", type=_positive_int, default=5, help="the comparison's")
     glue.add_argument("--max-extensions", type=int, default=3, help="the comparison's")
     glue.add_argument("--blocks", type=_positive_int, default=5)
     glue.add_argument("--steps-per-block", type=_positive_int, default=4)
@@ -759,6 +759,9 @@ def _bench_fit(args) -> int:
 
 
 def _bench_glue(args) -> int:
+    import json
+    import os
+
     from .bench.glue_steps import GlueStepsConfig, format_table, run
     from .experiments.glue_data import TASKS
 
@@ -770,8 +773,22 @@ def _bench_glue(args) -> int:
     _check_glue_inputs(args, tasks)
     compare = _compare_config(args, tasks, args.out, "nanoadam bench glue")
     config = GlueStepsConfig(blocks=args.blocks, steps_per_block=args.steps_per_block)
-    result = run(compare, config, progress=lambda task, block, name: print(f"{task} block {block}: {name}",
-                                                                            file=sys.stderr, flush=True))
+    if config.reference not in compare.optimizers:
+        raise UsageError(f"nanoadam bench glue: --optimizers must include {config.reference}, the reference")
+    earlier = args.out / "steps.json"
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        print(f"warning: load average {load:.2f}: the times mean something only on an otherwise idle machine",
+              file=sys.stderr)
+    try:
+        result = run(compare, config, earlier=json.loads(earlier.read_text()) if earlier.exists() else None,
+                     progress=lambda task, block, name: print(f"{task} block {block}: {name}", file=sys.stderr,
+                                                              flush=True))
+    except ValueError as e:
+        raise UsageError(f"nanoadam bench glue: {e}") from None
+    if not result["timed_now"]:
+        raise UsageError("nanoadam bench glue: no task has a chosen rate for every optimizer yet ("
+                         + "; ".join(f"{t}: {r}" for t, r in result["skipped"].items()) + ")")
     return _publish(args.out, "steps", result, format_table(result), "GLUE step times, optimizers taking turns")
 
 

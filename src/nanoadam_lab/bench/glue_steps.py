@@ -7,18 +7,22 @@ comparison chose, with the comparison's own model, data, batch size, sequence le
 every optimizer gets its own model (seed 0, as the tuning runs), and they take turns in blocks of
 ``steps_per_block`` whole training steps (collate, forward, backward, clipping, optimizer step,
 schedule, ``zero_grad``: ``glue.training_step``, what a run times), all of them on the same batches
-in the same order. The first block of each warms up (it holds NanoAdam's first mask selection)
-and is not counted.
+in the same order; the order of the turns rotates from block to block, so that no optimizer
+always follows the same one. The first block of each warms up (it holds NanoAdam's first mask
+selection) and is not counted. The load average before and after each task is recorded: the
+times mean something only on an otherwise idle machine.
 
-Reported per task and optimizer: the median whole step and the median optimizer step over the
-timed steps, and the ratio to AdamW, the median over blocks of (its block median / AdamW's block
-median in the same round). Mask refreshes (every 50 steps at the standard budget) fall outside a
+Reported per task and optimizer: the median whole step and the median optimizer step over all
+timed steps (the first ``blocks x steps_per_block`` batches after the warm-up, not a whole run),
+and the ratio to AdamW, the median over blocks of (its block median / AdamW's block median in the
+same round), with the blocks' range. Mask refreshes (every 50 steps at the standard budget) fall outside a
 short benchmark's median, as they fall outside a run's; their amortized cost is what
 ``nanoadam bench`` and ``nanoadam bench step`` measure.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -42,7 +46,7 @@ class GlueStepsConfig:
     def __post_init__(self):
         for name in ("blocks", "steps_per_block"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Invalid {name}: {value!r} (expected an integer >= 1)")
 
 
@@ -68,7 +72,13 @@ def time_task(configs: dict[str, GlueRunConfig], config: GlueStepsConfig, progre
     if config.reference not in configs:
         raise ValueError(f"the reference optimizer {config.reference!r} is not among {', '.join(configs)}")
     first = next(iter(configs.values()))
+    shared = ("task", "model", "data_dir", "seed", "batch_size", "max_length", "train_limit", "heldout_fraction",
+              "threads", "lora_r")
+    differing = [k for k in shared if len({repr(getattr(c, k)) for c in configs.values()}) > 1]
+    if differing:
+        raise ValueError(f"the runs to time must share their data and shape; they differ in {', '.join(differing)}")
     torch.set_num_threads(first.threads)
+    load_before = os.getloadavg()[0]
     rows = load_task(first.spec, first.data_dir)
     trainers, train = {}, None
     for name, run_config in configs.items():
@@ -83,13 +93,19 @@ def time_task(configs: dict[str, GlueRunConfig], config: GlueStepsConfig, progre
         model.train()
         trainers[name] = (model, trainable, bundle, schedule, run_config.recipe, tokenizer.pad_token_id or 0)
     steps = (config.blocks + 1) * config.steps_per_block
+    if steps > total_steps:  # past its end the schedule holds the rate at zero
+        raise ValueError(f"{config.blocks + 1} blocks of {config.steps_per_block} steps are {steps} steps, "
+                         f"more than the {total_steps} of a {first.task} run")
     batches = shuffled_batches(len(train), first.batch_size, first.seed)
     order = [next(batches) for _ in range(steps)]
     whole: dict[str, list[list[float]]] = {name: [] for name in trainers}
     optimizer_only: dict[str, list[float]] = {name: [] for name in trainers}
+    names = list(trainers)
     for block in range(config.blocks + 1):
         indices = order[block * config.steps_per_block:(block + 1) * config.steps_per_block]
-        for name, (model, trainable, bundle, schedule, recipe, pad_id) in trainers.items():
+        turns = names[block % len(names):] + names[:block % len(names)]  # rotated every block
+        for name in turns:
+            model, trainable, bundle, schedule, recipe, pad_id = trainers[name]
             block_times = []
             for batch in indices:
                 started = time.perf_counter()
@@ -108,40 +124,51 @@ def time_task(configs: dict[str, GlueRunConfig], config: GlueStepsConfig, progre
         medians = [statistics.median(b) for b in whole[name]]
         ratios = [m / r for m, r in zip(medians, reference)]
         results[name] = {"lr": run_config.lr, "optimizer_overrides": run_config.optimizer_overrides,
+                         "run_config": asdict(run_config),
                          "median_step_s": statistics.median(t for b in whole[name] for t in b),
                          "median_optimizer_step_s": statistics.median(optimizer_only[name]),
                          "block_medians_s": medians, f"ratio_to_{config.reference}": statistics.median(ratios),
                          "block_ratios": ratios}
     return {"batch_size": first.batch_size, "max_length": first.max_length, "train_examples": len(train),
-            "results": results}
+            "load_average_before": load_before, "load_average_after": os.getloadavg()[0],
+            "results": results, "machine": machine_info()}
 
 
-def run(compare: CompareConfig, config: GlueStepsConfig, progress=None) -> dict:
-    """Every task of ``compare`` whose optimizers all have a chosen rate, timed in turn."""
+def run(compare: CompareConfig, config: GlueStepsConfig, progress=None, earlier: dict | None = None) -> dict:
+    """Every task of ``compare`` whose optimizers all have a chosen rate, timed in turn; the tasks
+    of ``earlier`` (a previous result of this benchmark) that were not timed now are kept."""
+    if config.reference not in compare.optimizers:
+        raise ValueError(f"the reference optimizer {config.reference!r} is not among the optimizers "
+                         f"({', '.join(compare.optimizers)})")
     configs, skipped = chosen_configs(compare)
-    tasks = {}
+    tasks = dict((earlier or {}).get("tasks", {}))
     for task, task_configs in configs.items():
         tasks[task] = time_task(task_configs, config,
                                 progress=(lambda block, name, task=task: progress(task, block, name)) if progress
                                 else None)
     return {"config": asdict(config), "compare_out": compare.out, "budget": compare.budget, "tasks": tasks,
-            "skipped": skipped, "machine": machine_info()}
+            "timed_now": list(configs), "skipped": {t: r for t, r in skipped.items() if t not in tasks},
+            "machine": machine_info()}
 
 
 def format_table(result: dict) -> str:
     reference = result["config"]["reference"]
     c = result["config"]
-    lines = [f"| task | optimizer | lr | step (s) | x {reference} (median of paired blocks) | optimizer step (ms) "
-             "| per block |", "|---|---|---|---|---|---|---|"]
+    lines = [f"| task | optimizer | lr | step (s) | x {reference} (median of paired blocks) | blocks' range "
+             "| optimizer step (ms) | timed (load average before, after) |", "|---|---|---|---|---|---|---|---|"]
     for task, entry in result["tasks"].items():
+        when = (f"{entry['machine']['date']}, {entry['machine']['processor']} "
+                f"({entry['load_average_before']:.2f}, {entry['load_average_after']:.2f})")
         for name, r in entry["results"].items():
-            blocks = ", ".join(f"{x:.2f}" for x in r["block_ratios"])
+            low, high = min(r["block_ratios"]), max(r["block_ratios"])
             lines.append(f"| {task} | {name} | {r['lr']:g} | {r['median_step_s']:.3f} | "
-                         f"{r[f'ratio_to_{reference}']:.3f} | {1000 * r['median_optimizer_step_s']:.1f} | {blocks} |")
-    lines += ["", f"Whole training steps (collate, forward, backward, clipping, optimizer step, schedule), "
-              f"{c['blocks']} blocks of {c['steps_per_block']} steps a task, optimizers taking turns on the same "
-              f"batches at the rates the comparison chose (budget `{result['budget']}`); one warm-up block not "
-              "counted. Mask refreshes fall outside the medians."]
+                         f"{r[f'ratio_to_{reference}']:.3f} | {low:.2f}-{high:.2f} | "
+                         f"{1000 * r['median_optimizer_step_s']:.1f} | {when} |")
+    lines += ["", f"Whole training steps (collate, forward, backward, clipping, optimizer step, schedule, zero_grad), "
+              f"{c['blocks']} blocks of {c['steps_per_block']} steps a task, optimizers taking turns (in an order "
+              f"rotated every block) on the same batches at the rates the comparison chose (budget "
+              f"`{result['budget']}`); one warm-up block not counted. Medians over the timed steps. Mask refreshes "
+              "(every 50 steps) fall outside them: `nanoadam bench` measures their amortized cost."]
     for task, reason in result["skipped"].items():
         lines.append(f"Not timed: {task} ({reason}).")
     return "\n".join(lines)

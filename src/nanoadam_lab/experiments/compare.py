@@ -531,11 +531,17 @@ def summarize(config: CompareConfig) -> dict:
 
 def _timed_in_turn(timed: dict | None, lr: float, finals: list[dict], reference: str | None) -> dict | None:
     """The benchmark's step time of this cell (``bench.glue_steps``), when it timed the chosen rate
-    with the settings of the cell's runs; None otherwise (not timed, or timed at another choice)."""
-    if not timed or timed["lr"] != lr or not finals or \
-            timed["optimizer_overrides"] != finals[0]["config"]["optimizer_overrides"]:
+    with every setting of the cell's seed-0 run but the data folder's path; None otherwise (not
+    timed, or timed at another choice, budget, shape or thread count)."""
+    if not timed or timed["lr"] != lr or not finals or "run_config" not in timed:
         return None
-    return {"median_step_s": timed["median_step_s"], "ratio": timed[f"ratio_to_{reference}"], "reference": reference}
+    def settings(stored: dict) -> str:
+        return json.dumps({**asdict(GlueRunConfig(**stored)), "data_dir": None}, sort_keys=True)
+    if settings(timed["run_config"]) != settings(finals[0]["config"]):
+        return None
+    ratios = timed["block_ratios"]
+    return {"median_step_s": timed["median_step_s"], "ratio": timed[f"ratio_to_{reference}"], "reference": reference,
+            "ratio_range": [min(ratios), max(ratios)]}
 
 
 def average(config: CompareConfig, tasks: dict[str, dict]) -> dict:
