@@ -760,9 +760,8 @@ def _bench_fit(args) -> int:
 
 def _bench_glue(args) -> int:
     import json
-    import os
 
-    from .bench.glue_steps import GlueStepsConfig, format_table, run
+    from .bench.glue_steps import GlueStepsConfig, cpu_busy_fraction, format_table, run
     from .experiments.glue_data import TASKS
 
     if args.out is None:
@@ -776,10 +775,10 @@ def _bench_glue(args) -> int:
     if config.reference not in compare.optimizers:
         raise UsageError(f"nanoadam bench glue: --optimizers must include {config.reference}, the reference")
     earlier = args.out / "steps.json"
-    load = os.getloadavg()[0]
-    if load > 0.5:
-        print(f"warning: load average {load:.2f}: the times mean something only on an otherwise idle machine",
-              file=sys.stderr)
+    busy = cpu_busy_fraction()
+    if busy is not None and busy > 0.1:
+        print(f"warning: the CPUs are {100 * busy:.0f} % busy: the times mean something only on an otherwise "
+              "idle machine", file=sys.stderr)
     try:
         result = run(compare, config, earlier=json.loads(earlier.read_text()) if earlier.exists() else None,
                      progress=lambda task, block, name: print(f"{task} block {block}: {name}", file=sys.stderr,

@@ -9,8 +9,8 @@ every optimizer gets its own model (seed 0, as the tuning runs), and they take t
 schedule, ``zero_grad``: ``glue.training_step``, what a run times), all of them on the same batches
 in the same order; the order of the turns rotates from block to block, so that no optimizer
 always follows the same one. The first block of each warms up (it holds NanoAdam's first mask
-selection) and is not counted. The load average before and after each task is recorded: the
-times mean something only on an otherwise idle machine.
+selection) and is not counted. How busy the CPUs were in the second before each task is recorded
+(``/proc/stat``): the times mean something only on an otherwise idle machine.
 
 Reported per task and optimizer: the median whole step and the median optimizer step over all
 timed steps (the first ``blocks x steps_per_block`` batches after the warm-up, not a whole run),
@@ -22,7 +22,6 @@ short benchmark's median, as they fall outside a run's; their amortized cost is 
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -48,6 +47,24 @@ class GlueStepsConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Invalid {name}: {value!r} (expected an integer >= 1)")
+
+
+def cpu_busy_fraction(seconds: float = 1.0) -> float | None:
+    """The fraction of all CPUs' time spent busy over the next ``seconds`` (``/proc/stat``; None
+    where there is none). Unlike the load average, which trails by minutes, it shows whether
+    another job is running now."""
+    def sample():
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields), idle
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return 1 - (idle1 - idle0) / max(1, total1 - total0)
 
 
 def chosen_configs(compare: CompareConfig) -> tuple[dict[str, dict[str, GlueRunConfig]], dict[str, str]]:
@@ -78,7 +95,7 @@ def time_task(configs: dict[str, GlueRunConfig], config: GlueStepsConfig, progre
     if differing:
         raise ValueError(f"the runs to time must share their data and shape; they differ in {', '.join(differing)}")
     torch.set_num_threads(first.threads)
-    load_before = os.getloadavg()[0]
+    busy_before = cpu_busy_fraction()
     rows = load_task(first.spec, first.data_dir)
     trainers, train = {}, None
     for name, run_config in configs.items():
@@ -130,7 +147,7 @@ def time_task(configs: dict[str, GlueRunConfig], config: GlueStepsConfig, progre
                          "block_medians_s": medians, f"ratio_to_{config.reference}": statistics.median(ratios),
                          "block_ratios": ratios}
     return {"batch_size": first.batch_size, "max_length": first.max_length, "train_examples": len(train),
-            "load_average_before": load_before, "load_average_after": os.getloadavg()[0],
+            "cpu_busy_before": busy_before,
             "results": results, "machine": machine_info()}
 
 
@@ -155,10 +172,11 @@ def format_table(result: dict) -> str:
     reference = result["config"]["reference"]
     c = result["config"]
     lines = [f"| task | optimizer | lr | step (s) | x {reference} (median of paired blocks) | blocks' range "
-             "| optimizer step (ms) | timed (load average before, after) |", "|---|---|---|---|---|---|---|---|"]
+             "| optimizer step (ms) | timed (CPUs busy just before) |", "|---|---|---|---|---|---|---|---|"]
     for task, entry in result["tasks"].items():
+        busy = entry.get("cpu_busy_before")
         when = (f"{entry['machine']['date']}, {entry['machine']['processor']} "
-                f"({entry['load_average_before']:.2f}, {entry['load_average_after']:.2f})")
+                f"({'-' if busy is None else f'{100 * busy:.0f} %'})")
         for name, r in entry["results"].items():
             low, high = min(r["block_ratios"]), max(r["block_ratios"])
             lines.append(f"| {task} | {name} | {r['lr']:g} | {r['median_step_s']:.3f} | "

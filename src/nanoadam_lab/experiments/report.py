@@ -35,7 +35,7 @@ def _step_note(cells: dict) -> str:
     if timed:
         note.append(f"step (s): median whole training step with the optimizers taking turns on one machine, "
                     f"and its ratio to {timed[0]['reference']} (`nanoadam bench glue`, `steps.md`: each "
-                    "ratio's range over blocks, the machine and its load; mask refreshes, every 50 steps, "
+                    "ratio's range over blocks, the machine and how busy it was; mask refreshes, every 50 steps, "
                     "are outside the medians)")
     if len(timed) < len(cells):
         note.append("*: the mean over seeds of each run file's median step, timed next to other jobs and on "
