@@ -759,9 +759,8 @@ def _bench_fit(args) -> int:
 
 
 def _bench_glue(args) -> int:
-    import json
-
     from .bench.glue_steps import GlueStepsConfig, cpu_busy_fraction, format_table, run
+    from .experiment import read_result
     from .experiments.glue_data import TASKS
 
     if args.out is None:
@@ -772,15 +771,13 @@ def _bench_glue(args) -> int:
     _check_glue_inputs(args, tasks)
     compare = _compare_config(args, tasks, args.out, "nanoadam bench glue")
     config = GlueStepsConfig(blocks=args.blocks, steps_per_block=args.steps_per_block)
-    if config.reference not in compare.optimizers:
-        raise UsageError(f"nanoadam bench glue: --optimizers must include {config.reference}, the reference")
-    earlier = args.out / "steps.json"
     busy = cpu_busy_fraction()
     if busy is not None and busy > 0.1:
         print(f"warning: the CPUs are {100 * busy:.0f} % busy: the times mean something only on an otherwise "
               "idle machine", file=sys.stderr)
+    earlier = read_result(args.out, "steps") if (args.out / "steps.json").exists() else None
     try:
-        result = run(compare, config, earlier=json.loads(earlier.read_text()) if earlier.exists() else None,
+        result = run(compare, config, earlier=earlier,
                      progress=lambda task, block, name: print(f"{task} block {block}: {name}", file=sys.stderr,
                                                               flush=True))
     except ValueError as e:

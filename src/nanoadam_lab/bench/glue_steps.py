@@ -90,29 +90,30 @@ def time_task(configs: dict[str, GlueRunConfig], config: GlueStepsConfig, progre
         raise ValueError(f"the reference optimizer {config.reference!r} is not among {', '.join(configs)}")
     first = next(iter(configs.values()))
     shared = ("task", "model", "data_dir", "seed", "batch_size", "max_length", "train_limit", "heldout_fraction",
-              "threads", "lora_r")
+              "eval_split", "eval_limit", "epochs", "max_steps", "threads", "lora_r")
     differing = [k for k in shared if len({repr(getattr(c, k)) for c in configs.values()}) > 1]
     if differing:
         raise ValueError(f"the runs to time must share their data and shape; they differ in {', '.join(differing)}")
     torch.set_num_threads(first.threads)
     busy_before = cpu_busy_fraction()
     rows = load_task(first.spec, first.data_dir)
-    trainers, train = {}, None
+    steps = (config.blocks + 1) * config.steps_per_block
+    trainers, train, total_steps = {}, None, None
     for name, run_config in configs.items():
         torch.manual_seed(run_config.seed)
         model, tokenizer = load_model_and_tokenizer(run_config.model, run_config.spec.num_labels, run_config.lora_r)
-        train, _ = split_data(run_config, rows, tokenizer)
-        total_steps = planned_steps(run_config, len(train))
+        if train is None:  # the same for every run (checked above): split and checked once
+            train, _ = split_data(run_config, rows, tokenizer)
+            total_steps = planned_steps(run_config, len(train))
+            if steps > total_steps:  # past its end the schedule holds the rate at zero
+                raise ValueError(f"{config.blocks + 1} blocks of {config.steps_per_block} steps are {steps} steps, "
+                                 f"more than the {total_steps} of a {first.task} run")
         bundle = build_optimizer(run_config.optimizer, model, lr=run_config.lr, total_steps=total_steps,
                                  **run_config.optimizer_overrides)
         schedule = run_config.recipe.scheduler(bundle.optimizer, total_steps)
         trainable = [p for p in model.parameters() if p.requires_grad]
         model.train()
         trainers[name] = (model, trainable, bundle, schedule, run_config.recipe, tokenizer.pad_token_id or 0)
-    steps = (config.blocks + 1) * config.steps_per_block
-    if steps > total_steps:  # past its end the schedule holds the rate at zero
-        raise ValueError(f"{config.blocks + 1} blocks of {config.steps_per_block} steps are {steps} steps, "
-                         f"more than the {total_steps} of a {first.task} run")
     batches = shuffled_batches(len(train), first.batch_size, first.seed)
     order = [next(batches) for _ in range(steps)]
     whole: dict[str, list[list[float]]] = {name: [] for name in trainers}

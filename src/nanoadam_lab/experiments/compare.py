@@ -535,9 +535,8 @@ def _timed_in_turn(timed: dict | None, lr: float, finals: list[dict], reference:
     timed, or timed at another choice, budget, shape or thread count)."""
     if not timed or timed["lr"] != lr or not finals or "run_config" not in timed:
         return None
-    def settings(stored: dict) -> str:
-        return json.dumps({**asdict(GlueRunConfig(**stored)), "data_dir": None}, sort_keys=True)
-    if settings(timed["run_config"]) != settings(finals[0]["config"]):
+    cell_run = GlueRunConfig(**{**finals[0]["config"], "data_dir": None})
+    if not same_run({**timed["run_config"], "data_dir": None}, cell_run):
         return None
     ratios = timed["block_ratios"]
     return {"median_step_s": timed["median_step_s"], "ratio": timed[f"ratio_to_{reference}"], "reference": reference,
